@@ -248,6 +248,11 @@ class KVCache:
 # The network
 
 
+def rms(norm, x):
+    """qk RMSNorm in fp32 (as the official model computes it), cast back to the activations' dtype."""
+    return norm(x.float()).type_as(x)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim, num_heads, eps):
         super().__init__()
@@ -257,8 +262,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, rope, ctx, layer):
         heads = lambda u: u.unflatten(-1, (self.num_heads, -1))
-        q = apply_rope(heads(self.norm_q(self.q(x))), *rope)
-        k = apply_rope(heads(self.norm_k(self.k(x))), *rope)
+        q = apply_rope(heads(rms(self.norm_q, self.q(x))), *rope)
+        k = apply_rope(heads(rms(self.norm_k, self.k(x))), *rope)
         v = heads(self.v(x))
         if ctx.cache is not None:
             k, v = ctx.cache.attend(layer, k, v, ctx.tokens_per_frame)
@@ -278,10 +283,10 @@ class CrossAttention(nn.Module):
         heads = lambda u: u.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
         cached = ctx.cache.text[layer] if ctx.cache is not None else None
         if cached is None:  # text K/V depend only on the prompt: computed once per video
-            cached = heads(self.norm_k(self.k(context))), heads(self.v(context))
+            cached = heads(rms(self.norm_k, self.k(context))), heads(self.v(context))
             if ctx.cache is not None:
                 ctx.cache.text[layer] = cached
-        out = F.scaled_dot_product_attention(heads(self.norm_q(self.q(x))), *cached)
+        out = F.scaled_dot_product_attention(heads(rms(self.norm_q, self.q(x))), *cached)
         return self.o(out.transpose(1, 2).flatten(2))
 
 

@@ -1,0 +1,175 @@
+"""Stages 0 and 1: the bidirectional base and, from it, the autoregressive diffusion teacher.
+
+    python teacher.py --stage=base                       # stage 0: flow matching, full attention
+    python teacher.py --stage=ar --frames_per_block=1    # stage 1: teacher forcing, frame-wise
+    python teacher.py --stage=ar --frames_per_block=3    # stage 1: chunk-wise
+    torchrun --nproc_per_node=2 teacher.py --stage=base  # the same on N processes (DDP)
+
+Stage 0 learns v = eps - x0 on whole clips (one t per clip, shifted sampling, ~10% empty prompts so
+that guidance works). Stage 1 starts from the base and sees [clean GT | noisy]: every noisy block
+attends to itself and to the clean frames of earlier blocks, gets its own t, and the loss is weighted
+by the bell w(t) (DESIGN §2). A run resumes from OUT/ckpt when it exists; `--export=NAME` ships the
+EMA weights as checkpoints/NAME at the end.
+"""
+import os
+import shutil
+import sys
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+
+import data
+import model as M
+import trainer as T
+
+DEFAULTS = dict(
+    stage="base",  # base | ar
+    frames_per_block=1,  # ar only: 1 = frame-wise, 3 = chunk-wise
+    model="toy",
+    init="checkpoints/base",  # ar only: the stage-0 checkpoint to start from
+    out="",  # run folder (default runs/<stage>[_fw|_cw])
+    export="",  # ship the EMA weights as checkpoints/<export> when done
+    steps=3000,
+    batch_size=16,
+    lr=1e-3,
+    warmup=100,
+    weight_decay=0.0,
+    grad_clip=1.0,
+    ema=0.999,
+    prompt_dropout=0.1,
+    weighting="",  # uniform | bell (default: uniform for base, bell for ar)
+    shift=0.0,  # timestep shift; 0 = the model preset's
+    seed=0,
+    bf16=True,
+    ckpt_every=250,
+    log_every=10,
+    device="",
+)
+
+
+def make_batch(cfg, step, n_frames):
+    """The global batch of this step: clips, prompts, noise, timesteps and dropout, all from (seed, step)."""
+    g = T.step_generator(cfg["seed"], step)
+    B = cfg["batch_size"]
+    clips = next(data.ClipStream(B, cfg["seed"], frames=n_frames, start_batch=step))  # the global batch
+    x0, prompts = clips["video"], clips["prompts"]
+    drop = torch.rand(B, generator=g) < cfg["prompt_dropout"]
+    prompts = ["" if d else p for p, d in zip(prompts, drop)]
+    noise = torch.randn(x0.shape, generator=g)
+    if cfg["stage"] == "base":
+        t = M.sample_t((B,), cfg["shift"], g)[:, None].expand(B, n_frames)
+    else:  # one t per block, drawn independently
+        fpb = cfg["frames_per_block"]
+        t = M.sample_t((B, n_frames // fpb), cfg["shift"], g).repeat_interleave(fpb, dim=1)
+    return x0, data.tokenize(prompts), noise, t
+
+
+def loss_fn(net, cfg, x0, tokens, noise, t):
+    inner = T.unwrap(net)
+    x_t = M.add_noise(x0, noise, t)
+    ctx = inner.encode_text(tokens)
+    if cfg["stage"] == "base":
+        v = net(x_t, t, ctx)
+    else:
+        v = net(x_t, t, ctx, frames_per_block=cfg["frames_per_block"], clean_x=x0)
+    per_frame = F.mse_loss(v.float(), noise - x0, reduction="none").mean(dim=(1, 3, 4))  # [B, F]
+    if cfg["weighting"] == "bell":
+        per_frame = per_frame * M.loss_weight(t, cfg["shift"]).to(per_frame.device)
+    return per_frame.mean()
+
+
+def main(argv):
+    cfg = T.parse_overrides(DEFAULTS, argv)
+    if cfg["stage"] not in ("base", "ar"):
+        T.die(f"--stage must be base or ar, got {cfg['stage']!r}")
+    if cfg["model"] not in M.PRESETS:
+        T.die(f"unknown --model {cfg['model']!r}; presets: {', '.join(M.PRESETS)}")
+    mcfg = M.get_config(cfg["model"])
+    n_frames = mcfg.frames
+    if cfg["stage"] == "ar" and (cfg["frames_per_block"] < 1 or n_frames % cfg["frames_per_block"]):
+        T.die(f"--frames_per_block must divide the {n_frames} frames, got {cfg['frames_per_block']}")
+    for key in ("steps", "batch_size", "ckpt_every", "log_every"):
+        if cfg[key] <= 0:
+            T.die(f"--{key} must be positive, got {cfg[key]}")
+    cfg["shift"] = cfg["shift"] or mcfg.shift
+    cfg["weighting"] = cfg["weighting"] or ("uniform" if cfg["stage"] == "base" else "bell")
+    if cfg["weighting"] not in ("uniform", "bell"):
+        T.die(f"--weighting must be uniform or bell, got {cfg['weighting']!r}")
+    suffix = "" if cfg["stage"] == "base" else ("_fw" if cfg["frames_per_block"] == 1 else f"_b{cfg['frames_per_block']}")
+    out = cfg["out"] or os.path.join("runs", cfg["stage"] + suffix)
+    ckpt = os.path.join(out, "ckpt")
+
+    rank, world, device = T.setup_distributed()
+    if cfg["device"]:
+        device = torch.device(cfg["device"])
+    torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
+    net = M.build(mcfg).to(device)
+    start, elapsed = 0, 0.0
+    resume = os.path.exists(ckpt + ".json")
+    if cfg["stage"] == "ar" and not resume:
+        init, meta = T.load_model(cfg["init"], device)
+        if M.config_from_dict(meta["config"]) != mcfg:
+            T.die(f"--init {cfg['init']} was trained with another model config")
+        net.load_state_dict(init.state_dict())
+    ema = T.EMA(net, cfg["ema"])
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], betas=(0.9, 0.99), weight_decay=cfg["weight_decay"])
+    if resume:
+        tensors, meta = T.load_checkpoint(ckpt)
+        net.load_state_dict(T.split_prefix(tensors, "model."))
+        ema.shadow = {k: v.float() for k, v in T.split_prefix(tensors, "ema.").items()}
+        T.load_optimizer(opt, tensors, meta["param_groups"])
+        start, elapsed = meta["step"], meta["wall_s"]
+    ddp = T.wrap_ddp(net, device)
+    log = T.RunLog(os.path.join(out, "log.jsonl"), start, cfg["steps"], rank)
+    local = T.local_slice(cfg["batch_size"], rank, world)
+    last_ckpt = ckpt if resume else None
+
+    def save(step):
+        meta = {"kind": "train_" + cfg["stage"], "config": asdict(mcfg), "train": cfg, "step": step,
+                "wall_s": log.elapsed(elapsed), "param_groups": opt.state_dict()["param_groups"]}
+        tensors = {**{"model." + k: v for k, v in net.state_dict().items()},
+                   **{"ema." + k: v for k, v in ema.shadow.items()}, **T.optimizer_tensors(opt)}
+        T.save_checkpoint(ckpt, tensors, meta)
+
+    net.train()
+    for step in range(start, cfg["steps"]):
+        x0, tokens, noise, t = (u[local].to(device) for u in make_batch(cfg, step, n_frames))
+        for group in opt.param_groups:
+            group["lr"] = T.lr_at(step, cfg["lr"], cfg["warmup"])
+        with T.autocast(device, cfg["bf16"]):
+            loss = loss_fn(ddp, cfg, x0, tokens, noise, t)
+        value = loss.item()
+        if world > 1:  # every rank must stop on a NaN anywhere
+            flag = torch.tensor([value], device=device)
+            torch.distributed.all_reduce(flag)
+            value = flag.item() / world
+        T.check_finite(value, step, last_ckpt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg["grad_clip"]).item()
+        opt.step()
+        ema.update(net, min(cfg["ema"], (1 + step) / (10 + step)))  # warm-up: early EMA tracks the weights
+        log.bar.update(1)
+        if (step + 1) % cfg["log_every"] == 0 or step + 1 == cfg["steps"]:
+            log.log(step + 1, elapsed, loss=value, grad_norm=grad_norm, lr=opt.param_groups[0]["lr"])
+        if rank == 0 and ((step + 1) % cfg["ckpt_every"] == 0 or step + 1 == cfg["steps"]):
+            save(step + 1)
+            last_ckpt = ckpt
+    log.bar.close()
+    if rank == 0 and cfg["export"]:
+        kind = "base" if cfg["stage"] == "base" else "ar_teacher"
+        meta = {"kind": kind, "config": asdict(mcfg), "frames_per_block": None if kind == "base" else cfg["frames_per_block"],
+                "shift": cfg["shift"], "steps": cfg["steps"], "batch_size": cfg["batch_size"],
+                "wall_s": round(log.elapsed(elapsed), 1), "log": cfg["export"] + ".log.jsonl"}
+        net_ema = M.build(mcfg)
+        ema.copy_to(net_ema)
+        T.export(os.path.join("checkpoints", cfg["export"]), net_ema, meta)
+        if os.path.exists(os.path.join(out, "log.jsonl")):
+            shutil.copy(os.path.join(out, "log.jsonl"), os.path.join("checkpoints", cfg["export"] + ".log.jsonl"))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,236 @@
+"""The machinery every training stage shares, written once: `--key=value` config overrides, the
+distributed set-up (DDP; gloo on CPU, nccl on GPU), EMA, atomic safetensors + JSON checkpoints with
+resume, shipping a trained model, the JSONL log, tqdm progress and the NaN guard.
+
+Checkpoints are two files, NAME.safetensors (tensors only) and NAME.json (config, step, optimizer
+hyper-parameters, kind): nothing is ever unpickled. Randomness is drawn per step from a generator seeded
+by (seed, step) over the *global* batch and sliced per rank, so a resumed run, and a run on N processes,
+take exactly the steps an uninterrupted single-process run takes.
+"""
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+import model as M
+
+
+def die(msg):
+    """Bad input: one clear line on stderr and exit code 2, never a traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_overrides(defaults, argv):
+    """nanoGPT-style `--key=value` overrides, typed by the default's type."""
+    cfg = dict(defaults)
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            die(f"arguments look like --key=value, got {arg!r}")
+        key, value = arg[2:].split("=", 1)
+        key = key.replace("-", "_")
+        if key not in cfg:
+            die(f"unknown option --{key}; options: {', '.join('--' + k for k in cfg)}")
+        kind = type(cfg[key])
+        try:
+            if kind is bool:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                cfg[key] = value.lower() in ("true", "1")
+            elif cfg[key] is None:
+                cfg[key] = value
+            else:
+                cfg[key] = kind(value)
+        except ValueError:
+            die(f"--{key} expects a {kind.__name__}, got {value!r}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------
+# distributed
+
+
+def setup_distributed():
+    """(rank, world_size, device). Under torchrun: one process per device, DDP over gloo or nccl."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def wrap_ddp(module, device):
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    return module
+
+
+def unwrap(module):
+    return module.module if hasattr(module, "module") else module
+
+
+def autocast(device, enabled):
+    """bf16 autocast: ~1.6x faster training on an AVX-512-BF16 CPU and the usual choice on GPUs."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
+
+
+def step_generator(seed, step, stream=0):
+    """The step's randomness, the same on every rank and after a resume."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 101 + stream) % 2 ** 63)
+
+
+def local_slice(n, rank, world):
+    if n % world:
+        die(f"batch_size {n} is not divisible by the {world} processes")
+    per = n // world
+    return slice(rank * per, (rank + 1) * per)
+
+
+# ----------------------------------------------------------------------------------------------------
+# EMA
+
+
+class EMA:
+    """An fp32 shadow of a module's parameters."""
+
+    def __init__(self, module, decay):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module, decay=None):
+        d = self.decay if decay is None else decay
+        for k, v in module.state_dict().items():
+            self.shadow[k].lerp_(v.detach().float(), 1 - d)
+
+    def copy_to(self, module):
+        module.load_state_dict({k: v.to(module.state_dict()[k].dtype) for k, v in self.shadow.items()})
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _atomic(path, write):
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(stem, tensors, meta):
+    """Atomically write STEM.safetensors and STEM.json (the JSON last: it marks the pair complete)."""
+    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic(stem + ".safetensors", lambda p: save_file(tensors, p))
+    _atomic(stem + ".json", lambda p: open(p, "w").write(json.dumps(meta, indent=1) + "\n"))
+
+
+def load_checkpoint(stem):
+    """(tensors, meta); a missing or corrupt pair is reported in one line (exit 2)."""
+    stem = stem[: -len(".safetensors")] if stem.endswith(".safetensors") else stem
+    stem = stem[: -len(".json")] if stem.endswith(".json") else stem
+    for ext in (".safetensors", ".json"):
+        if not os.path.exists(stem + ext):
+            die(f"checkpoint {stem + ext} not found")
+    try:
+        with open(stem + ".json") as f:
+            meta = json.load(f)
+        tensors = load_file(stem + ".safetensors")
+    except Exception as e:  # safetensors and json raise several types on a damaged file
+        die(f"checkpoint {stem} is corrupt or not ours ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    if "config" not in meta or "kind" not in meta:
+        die(f"checkpoint {stem}.json has no model config/kind: not a checkpoint of this project")
+    return tensors, meta
+
+
+def split_prefix(tensors, prefix):
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def optimizer_tensors(opt):
+    """AdamW state as flat tensors; the hyper-parameters go to the JSON."""
+    out = {}
+    for idx, state in opt.state_dict()["state"].items():
+        for name, value in state.items():
+            out[f"optim.{idx}.{name}"] = torch.as_tensor(value)
+    return out
+
+
+def load_optimizer(opt, tensors, param_groups):
+    state = {}
+    for key, value in split_prefix(tensors, "optim.").items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def load_model(stem, device="cpu", dtype=torch.float32, prefix="model."):
+    """A model from a checkpoint pair (shipped or training): (model, meta)."""
+    tensors, meta = load_checkpoint(stem)
+    try:
+        cfg = M.config_from_dict(meta["config"])
+        model = M.build(cfg)
+        M.load_wan_weights(model, split_prefix(tensors, prefix))
+    except (TypeError, ValueError) as e:
+        die(f"checkpoint {stem} does not fit this code's model: {str(e)[:300]}")
+    return model.to(device=device, dtype=dtype).eval(), meta
+
+
+def export(stem, module_or_state, meta, dtype=torch.float16):
+    """Ship a trained model: weights only (fp16 storage), config and kind in the JSON."""
+    state = module_or_state if isinstance(module_or_state, dict) else module_or_state.state_dict()
+    save_checkpoint(stem, {"model." + k: v.to(dtype) for k, v in state.items()}, meta)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the loop's bookkeeping
+
+
+class RunLog:
+    """JSONL log (appended; a resumed run continues the same file) and a tqdm bar on rank 0."""
+
+    def __init__(self, path, start, total, rank):
+        self.rank = rank
+        self.t0 = time.time()
+        self.path = path
+        if rank == 0:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            if start == 0 and os.path.exists(path):
+                os.remove(path)
+        self.bar = tqdm(total=total, initial=start, disable=rank != 0, dynamic_ncols=True)
+
+    def log(self, step, elapsed_before, **values):
+        if self.rank != 0:
+            return
+        values = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in values.items()}
+        record = {"step": step, "wall_s": round(elapsed_before + time.time() - self.t0, 1), **values}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.bar.set_postfix({k: v for k, v in values.items() if isinstance(v, float)})
+
+    def elapsed(self, before):
+        return before + time.time() - self.t0
+
+
+def check_finite(loss, step, last_ckpt):
+    """The NaN guard: stop with a clear message; the last good checkpoint stays as it was."""
+    if not math.isfinite(loss):
+        where = f"{last_ckpt}.safetensors" if last_ckpt else "none written yet"
+        print(f"error: loss is {loss} at step {step}; stopping. Last good checkpoint: {where}", file=sys.stderr)
+        sys.exit(1)
+
+
+def lr_at(step, lr, warmup):
+    return lr * min(1.0, (step + 1) / max(1, warmup))
