@@ -55,6 +55,10 @@ PRESETS = {
     "toy": Config(dim=128, ffn_dim=512, num_heads=2, num_layers=4, freq_dim=256, text_dim=32, text_len=2,
                   in_dim=3, out_dim=3, patch_size=(1, 4, 4), vocab_size=10, shift=3.0,
                   frames=12, height=32, width=32),
+    # A few-second stand-in of the toy world for tests and smoke runs (6 frames).
+    "toy-tiny": Config(dim=32, ffn_dim=64, num_heads=1, num_layers=1, freq_dim=32, text_dim=8, text_len=2,
+                       in_dim=3, out_dim=3, patch_size=(1, 4, 4), vocab_size=10, shift=3.0,
+                       frames=6, height=32, width=32),
     "wan2.1-1.3b": Config(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     "wan2.1-14b": Config(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
 }

@@ -8,8 +8,8 @@
 Stage 0 learns v = eps - x0 on whole clips (one t per clip, shifted sampling, ~10% empty prompts so
 that guidance works). Stage 1 starts from the base and sees [clean GT | noisy]: every noisy block
 attends to itself and to the clean frames of earlier blocks, gets its own t, and the loss is weighted
-by the bell w(t) (DESIGN §2). A run resumes from OUT/ckpt when it exists; `--export=NAME` ships the
-EMA weights as checkpoints/NAME at the end.
+by the bell w(t) (DESIGN §2). A run resumes from OUT/ckpt when it exists; `--export=STEM` ships the
+EMA weights as STEM.safetensors + STEM.json at the end.
 """
 import os
 import shutil
@@ -29,7 +29,7 @@ DEFAULTS = dict(
     model="toy",
     init="checkpoints/base",  # ar only: the stage-0 checkpoint to start from
     out="",  # run folder (default runs/<stage>[_fw|_cw])
-    export="",  # ship the EMA weights as checkpoints/<export> when done
+    export="",  # ship the EMA weights to this stem (e.g. checkpoints/base) when done
     steps=3000,
     batch_size=16,
     lr=1e-3,
@@ -161,12 +161,12 @@ def main(argv):
         kind = "base" if cfg["stage"] == "base" else "ar_teacher"
         meta = {"kind": kind, "config": asdict(mcfg), "frames_per_block": None if kind == "base" else cfg["frames_per_block"],
                 "shift": cfg["shift"], "steps": cfg["steps"], "batch_size": cfg["batch_size"],
-                "wall_s": round(log.elapsed(elapsed), 1), "log": cfg["export"] + ".log.jsonl"}
+                "wall_s": round(log.elapsed(elapsed), 1), "log": os.path.basename(cfg["export"]) + ".log.jsonl"}
         net_ema = M.build(mcfg)
         ema.copy_to(net_ema)
-        T.export(os.path.join("checkpoints", cfg["export"]), net_ema, meta)
-        if os.path.exists(os.path.join(out, "log.jsonl")):
-            shutil.copy(os.path.join(out, "log.jsonl"), os.path.join("checkpoints", cfg["export"] + ".log.jsonl"))
+        T.export(cfg["export"], net_ema, meta)
+        if os.path.exists(os.path.join(out, "log.jsonl")):  # the training curve ships beside the weights
+            shutil.copy(os.path.join(out, "log.jsonl"), cfg["export"] + ".log.jsonl")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -1,0 +1,100 @@
+"""Stages 0/1 and the shared training machinery: DDP equivalence, resume, the NaN guard, end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import model as M
+import teacher
+import trainer as T
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model=toy-tiny", "--batch_size=4", "--log_every=1", "--bf16=false", "--warmup=2"]
+
+
+def run(tmp, name, *extra):
+    teacher.main(TINY + [f"--out={tmp / name}", *extra])
+    return tmp / name
+
+
+def losses(folder):
+    return [json.loads(line)["loss"] for line in open(folder / "log.jsonl")]
+
+
+def test_kill_and_resume_continues_the_same_trajectory(tmp_path):
+    full = run(tmp_path, "full", "--steps=4", "--ckpt_every=2")
+    part = run(tmp_path, "part", "--steps=2", "--ckpt_every=2")  # "killed" right after its checkpoint
+    run(tmp_path, "part", "--steps=4", "--ckpt_every=2")  # resumed
+    assert losses(part) == losses(full) and len(losses(full)) == 4
+    a, _ = T.load_checkpoint(str(full / "ckpt"))
+    b, meta = T.load_checkpoint(str(part / "ckpt"))
+    assert meta["step"] == 4 and a.keys() == b.keys()
+    for k in a:  # weights, EMA and optimizer state all continue exactly
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_nan_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    real = teacher.loss_fn
+    calls = {"n": 0}
+
+    def poisoned(*args):
+        calls["n"] += 1
+        loss = real(*args)
+        return loss * float("nan") if calls["n"] == 4 else loss
+
+    monkeypatch.setattr(teacher, "loss_fn", poisoned)
+    with pytest.raises(SystemExit) as stop:
+        run(tmp_path, "nan", "--steps=6", "--ckpt_every=2")
+    assert stop.value.code != 0
+    err = capsys.readouterr().err
+    assert "loss is nan at step 3" in err and "ckpt.safetensors" in err
+    _, meta = T.load_checkpoint(str(tmp_path / "nan" / "ckpt"))
+    assert meta["step"] == 2  # the last good one, untouched
+
+
+def test_bad_options_exit_2_with_one_line(tmp_path):
+    for args in (["--stage=middle"], ["--nope=1"], ["--steps=abc"], ["--stage=ar", "--frames_per_block=4"]):
+        r = subprocess.run([sys.executable, "teacher.py", "--model=toy-tiny", f"--out={tmp_path}/x", *args],
+                           cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.startswith("error: "), (args, r.stderr)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_take_the_same_step_as_one(tmp_path):
+    one = run(tmp_path, "one", "--steps=2", "--ckpt_every=2")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                        "teacher.py", *TINY, "--steps=2", "--ckpt_every=2", f"--out={tmp_path / 'two'}"],
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, _ = T.load_checkpoint(str(one / "ckpt"))
+    b, _ = T.load_checkpoint(str(tmp_path / "two" / "ckpt"))
+    for k in a:
+        if k.startswith("model."):
+            assert torch.allclose(a[k], b[k], atol=1e-5), k
+    assert losses(one) == pytest.approx(losses(tmp_path / "two"), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_every_stage_runs_end_to_end_and_samples(tmp_path):
+    base = str(tmp_path / "base")
+    run(tmp_path, "b", "--steps=2", f"--export={base}")
+    for fpb in (1, 3):
+        ar = str(tmp_path / f"ar{fpb}")
+        run(tmp_path, f"a{fpb}", "--stage=ar", f"--frames_per_block={fpb}", f"--init={base}", "--steps=2",
+            f"--export={ar}")
+        meta = json.load(open(ar + ".json"))
+        assert meta["kind"] == "ar_teacher" and meta["frames_per_block"] == fpb
+        assert os.path.exists(ar + ".log.jsonl")
+    for ckpt in (base, str(tmp_path / "ar3")):
+        npy = tmp_path / (os.path.basename(ckpt) + ".npy")
+        r = subprocess.run([sys.executable, "sample.py", "--ckpt", ckpt + ".safetensors", "--steps=3",
+                            "--num-samples=2", f"--out={tmp_path}/s.gif", f"--save-npy={npy}"],
+                           cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        video = np.load(npy)
+        assert video.shape == (2, 6, 32, 32, 3) and video.dtype == np.uint8
