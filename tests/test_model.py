@@ -266,3 +266,25 @@ def _to_diffusers_names(official):
              .replace("self_attn.", "attn1.to_").replace("cross_attn.", "attn2.to_"))
         out[k] = v
     return out
+
+
+@pytest.mark.parametrize("mode", ["bidirectional", "block_causal", "teacher_forcing", "cache"])
+def test_outputs_equal_with_the_triton_kernel_forced_on_and_off(mode):
+    m = tiny_model()
+    x, t, ctx = inputs(B=1)
+
+    def forward():
+        if mode == "bidirectional":
+            return m(x, t, ctx)
+        if mode == "block_causal":
+            return m(x, t, ctx, frames_per_block=3)
+        if mode == "teacher_forcing":
+            return m(x, t, ctx, frames_per_block=1, clean_x=x.flip(2))
+        return decode(m, x, t, ctx, 3)[0]
+
+    outputs = {}
+    for backend in ("sdpa", "triton"):
+        m.attn_backend = backend
+        with torch.no_grad():
+            outputs[backend] = forward()
+    assert torch.allclose(outputs["sdpa"], outputs["triton"], atol=1e-4)
