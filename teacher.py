@@ -105,68 +105,42 @@ def main(argv):
         device = torch.device(cfg["device"])
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
     net = M.build(mcfg).to(device)
-    start, elapsed = 0, 0.0
-    resume = os.path.exists(ckpt + ".json")
-    if cfg["stage"] == "ar" and not resume:
+    if cfg["stage"] == "ar" and not T.has_checkpoint(out):
         init, meta = T.load_model(cfg["init"], device)
         if M.config_from_dict(meta["config"]) != mcfg:
             T.die(f"--init {cfg['init']} was trained with another model config")
         net.load_state_dict(init.state_dict())
     ema = T.EMA(net, cfg["ema"])
     opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], betas=(0.9, 0.99), weight_decay=cfg["weight_decay"])
-    if resume:
-        tensors, meta = T.load_checkpoint(ckpt)
-        net.load_state_dict(T.split_prefix(tensors, "model."))
-        ema.shadow = {k: v.float() for k, v in T.split_prefix(tensors, "ema.").items()}
-        T.load_optimizer(opt, tensors, meta["param_groups"])
-        start, elapsed = meta["step"], meta["wall_s"]
+    run = T.Run(out, cfg["steps"], {"kind": "train_" + cfg["stage"], "config": asdict(mcfg), "train": cfg},
+                modules={"model": net}, emas={"model": ema}, optimizers={"model": opt}, rank=rank, world=world,
+                log_every=cfg["log_every"])
     ddp = T.wrap_ddp(net, device)
-    log = T.RunLog(os.path.join(out, "log.jsonl"), start, cfg["steps"], rank)
     local = T.local_slice(cfg["batch_size"], rank, world)
-    last_ckpt = ckpt if resume else None
-
-    def save(step):
-        meta = {"kind": "train_" + cfg["stage"], "config": asdict(mcfg), "train": cfg, "step": step,
-                "wall_s": log.elapsed(elapsed), "param_groups": opt.state_dict()["param_groups"]}
-        tensors = {**{"model." + k: v for k, v in net.state_dict().items()},
-                   **{"ema." + k: v for k, v in ema.shadow.items()}, **T.optimizer_tensors(opt)}
-        T.save_checkpoint(ckpt, tensors, meta)
 
     net.train()
-    for step in range(start, cfg["steps"]):
+    for step in range(run.start, cfg["steps"]):
         x0, tokens, noise, t = (u[local].to(device) for u in make_batch(cfg, step, n_frames))
-        for group in opt.param_groups:
-            group["lr"] = T.lr_at(step, cfg["lr"], cfg["warmup"])
         with T.autocast(device, cfg["bf16"]):
             loss = loss_fn(ddp, cfg, x0, tokens, noise, t)
-        value = loss.item()
-        if world > 1:  # every rank must stop on a NaN anywhere
-            flag = torch.tensor([value], device=device)
-            torch.distributed.all_reduce(flag)
-            value = flag.item() / world
-        T.check_finite(value, step, last_ckpt)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg["grad_clip"]).item()
-        opt.step()
+        value = run.check(loss, step)
+        lr = T.lr_at(step, cfg["lr"], cfg["warmup"])
+        grad_norm = T.optimizer_step(opt, loss, lr, cfg["grad_clip"])
         ema.update(net, min(cfg["ema"], (1 + step) / (10 + step)))  # warm-up: early EMA tracks the weights
-        log.bar.update(1)
-        if (step + 1) % cfg["log_every"] == 0 or step + 1 == cfg["steps"]:
-            log.log(step + 1, elapsed, loss=value, grad_norm=grad_norm, lr=opt.param_groups[0]["lr"])
-        if rank == 0 and ((step + 1) % cfg["ckpt_every"] == 0 or step + 1 == cfg["steps"]):
-            save(step + 1)
-            last_ckpt = ckpt
-    log.bar.close()
+        run.log(step + 1, loss=value, grad_norm=grad_norm, lr=lr)
+        if (step + 1) % cfg["ckpt_every"] == 0 or step + 1 == cfg["steps"]:
+            run.save(step + 1)
+    run.close()
     if rank == 0 and cfg["export"]:
         kind = "base" if cfg["stage"] == "base" else "ar_teacher"
         meta = {"kind": kind, "config": asdict(mcfg), "frames_per_block": None if kind == "base" else cfg["frames_per_block"],
                 "shift": cfg["shift"], "steps": cfg["steps"], "batch_size": cfg["batch_size"],
-                "wall_s": round(log.elapsed(elapsed), 1), "log": os.path.basename(cfg["export"]) + ".log.jsonl"}
-        net_ema = M.build(mcfg)
-        ema.copy_to(net_ema)
-        T.export(cfg["export"], net_ema, meta)
-        if os.path.exists(os.path.join(out, "log.jsonl")):  # the training curve ships beside the weights
-            shutil.copy(os.path.join(out, "log.jsonl"), cfg["export"] + ".log.jsonl")
+                "wall_s": round(run.elapsed(), 1), "log": os.path.basename(cfg["export"]) + ".log.jsonl"}
+        shipped = M.build(mcfg)
+        ema.copy_to(shipped)
+        T.export(cfg["export"], shipped, meta)
+        if os.path.exists(run.log_path):  # the training curve ships beside the weights
+            shutil.copy(run.log_path, cfg["export"] + ".log.jsonl")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -159,23 +159,6 @@ def split_prefix(tensors, prefix):
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def optimizer_tensors(opt):
-    """AdamW state as flat tensors; the hyper-parameters go to the JSON."""
-    out = {}
-    for idx, state in opt.state_dict()["state"].items():
-        for name, value in state.items():
-            out[f"optim.{idx}.{name}"] = torch.as_tensor(value)
-    return out
-
-
-def load_optimizer(opt, tensors, param_groups):
-    state = {}
-    for key, value in split_prefix(tensors, "optim.").items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": param_groups})
-
-
 def load_model(stem, device="cpu", dtype=torch.float32, prefix="model."):
     """A model from a checkpoint pair (shipped or training): (model, meta)."""
     tensors, meta = load_checkpoint(stem)
@@ -198,38 +181,104 @@ def export(stem, module_or_state, meta, dtype=torch.float16):
 # the loop's bookkeeping
 
 
-class RunLog:
-    """JSONL log (appended; a resumed run continues the same file) and a tqdm bar on rank 0."""
+def has_checkpoint(out):
+    return os.path.exists(os.path.join(out, "ckpt.json"))
 
-    def __init__(self, path, start, total, rank):
-        self.rank = rank
-        self.t0 = time.time()
-        self.path = path
+
+class Run:
+    """One training run on disk: OUT/ckpt.{safetensors,json} holds the named modules, EMAs and optimizer
+    states (AdamW moments as tensors, hyper-parameters in the JSON), the step and the wall clock;
+    OUT/log.jsonl is its log. Constructed after the modules exist; resumes them when OUT/ckpt exists."""
+
+    def __init__(self, out, total_steps, meta, modules=(), emas=(), optimizers=(), rank=0, world=1, log_every=10):
+        self.ckpt = os.path.join(out, "ckpt")
+        self.log_path = os.path.join(out, "log.jsonl")
+        self.meta, self.rank, self.world = meta, rank, world
+        self.total, self.log_every = total_steps, log_every
+        self.modules, self.emas, self.optimizers = dict(modules), dict(emas), dict(optimizers)
+        self.start, self.wall_before, self.last_good = 0, 0.0, None
+        if has_checkpoint(out):
+            self._load()
         if rank == 0:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            if start == 0 and os.path.exists(path):
-                os.remove(path)
-        self.bar = tqdm(total=total, initial=start, disable=rank != 0, dynamic_ncols=True)
+            os.makedirs(out, exist_ok=True)
+            if self.start == 0 and os.path.exists(self.log_path):
+                os.remove(self.log_path)
+        self.t0 = time.time()
+        self.bar = tqdm(total=total_steps, initial=self.start, disable=rank != 0, dynamic_ncols=True)
 
-    def log(self, step, elapsed_before, **values):
+    def _load(self):
+        tensors, meta = load_checkpoint(self.ckpt)
+        for name, module in self.modules.items():
+            module.load_state_dict(split_prefix(tensors, name + "."))
+        for name, ema in self.emas.items():
+            ema.shadow = {k: v.float() for k, v in split_prefix(tensors, f"ema_{name}.").items()}
+        for name, opt in self.optimizers.items():
+            state = {}
+            for key, value in split_prefix(tensors, f"optim_{name}.").items():
+                idx, field = key.split(".", 1)
+                state.setdefault(int(idx), {})[field] = value
+            opt.load_state_dict({"state": state, "param_groups": meta["param_groups"][name]})
+        self.start, self.wall_before, self.last_good = meta["step"], meta["wall_s"], self.ckpt
+
+    def elapsed(self):
+        return self.wall_before + time.time() - self.t0
+
+    def save(self, step):
         if self.rank != 0:
             return
+        tensors = {}
+        for name, module in self.modules.items():
+            tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+        for name, ema in self.emas.items():
+            tensors.update({f"ema_{name}.{k}": v for k, v in ema.shadow.items()})
+        groups = {}
+        for name, opt in self.optimizers.items():
+            sd = opt.state_dict()
+            groups[name] = sd["param_groups"]
+            for idx, state in sd["state"].items():
+                tensors.update({f"optim_{name}.{idx}.{k}": torch.as_tensor(v) for k, v in state.items()})
+        meta = {**self.meta, "step": step, "wall_s": round(self.elapsed(), 1), "param_groups": groups}
+        save_checkpoint(self.ckpt, tensors, meta)
+        self.last_good = self.ckpt
+
+    def check(self, loss, step):
+        """The loss as a float, averaged over ranks; the NaN guard stops every rank with a clear message
+        and leaves the last good checkpoint as it was."""
+        value = loss.detach().float().reshape(1)
+        if self.world > 1:
+            dist.all_reduce(value)
+            value /= self.world
+        value = value.item()
+        if not math.isfinite(value):
+            where = f"{self.last_good}.safetensors" if self.last_good else "none written yet"
+            print(f"error: loss is {value} at step {step}; stopping. Last good checkpoint: {where}", file=sys.stderr)
+            sys.exit(1)
+        return value
+
+    def log(self, step, **values):
+        """Called every step; writes every `log_every` steps and at the last."""
+        self.bar.update(1)
+        if self.rank != 0 or (step % self.log_every and step != self.total):
+            return
         values = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in values.items()}
-        record = {"step": step, "wall_s": round(elapsed_before + time.time() - self.t0, 1), **values}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps({"step": step, "wall_s": round(self.elapsed(), 1), **values}) + "\n")
         self.bar.set_postfix({k: v for k, v in values.items() if isinstance(v, float)})
 
-    def elapsed(self, before):
-        return before + time.time() - self.t0
+    def close(self):
+        self.bar.close()
 
 
-def check_finite(loss, step, last_ckpt):
-    """The NaN guard: stop with a clear message; the last good checkpoint stays as it was."""
-    if not math.isfinite(loss):
-        where = f"{last_ckpt}.safetensors" if last_ckpt else "none written yet"
-        print(f"error: loss is {loss} at step {step}; stopping. Last good checkpoint: {where}", file=sys.stderr)
-        sys.exit(1)
+def optimizer_step(opt, loss, lr, clip):
+    """Backward, clip, step at learning rate `lr`; returns the gradient norm before clipping."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for group in opt.param_groups for p in group["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
+    opt.step()
+    return norm
 
 
 def lr_at(step, lr, warmup):
