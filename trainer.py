@@ -201,8 +201,10 @@ class Run:
             self._load()
         if rank == 0:
             os.makedirs(out, exist_ok=True)
-            if self.start == 0 and os.path.exists(self.log_path):
-                os.remove(self.log_path)
+            if os.path.exists(self.log_path):  # drop what a killed run logged after its last checkpoint
+                with open(self.log_path) as f:
+                    kept = [line for line in f if line.strip() and json.loads(line)["step"] <= self.start]
+                _atomic(self.log_path, lambda p: open(p, "w").writelines(kept))
         self.t0 = time.time()
         self.bar = tqdm(total=total_steps, initial=self.start, disable=rank != 0, dynamic_ncols=True)
 
