@@ -25,10 +25,22 @@ def losses(folder):
     return [json.loads(line)["loss"] for line in open(folder / "log.jsonl")]
 
 
-def test_kill_and_resume_continues_the_same_trajectory(tmp_path):
+def test_kill_and_resume_continues_the_same_trajectory(tmp_path, monkeypatch):
     full = run(tmp_path, "full", "--steps=4", "--ckpt_every=2")
-    part = run(tmp_path, "part", "--steps=2", "--ckpt_every=2")  # "killed" right after its checkpoint
-    run(tmp_path, "part", "--steps=4", "--ckpt_every=2")  # resumed
+    save = T.Run.save
+
+    def killed_at_4(self, step):  # the process dies after logging step 4, before its checkpoint
+        if step == 4:
+            raise SystemExit("killed")
+        save(self, step)
+
+    monkeypatch.setattr(T.Run, "save", killed_at_4)
+    with pytest.raises(SystemExit):
+        run(tmp_path, "part", "--steps=4", "--ckpt_every=2")
+    part = tmp_path / "part"
+    assert len(losses(part)) == 4
+    monkeypatch.setattr(T.Run, "save", save)
+    run(tmp_path, "part", "--steps=4", "--ckpt_every=2")  # resumed from step 2
     assert losses(part) == losses(full) and len(losses(full)) == 4
     a, _ = T.load_checkpoint(str(full / "ckpt"))
     b, meta = T.load_checkpoint(str(part / "ckpt"))
