@@ -229,6 +229,27 @@ def features_distance(real, gen):
 
 # ----------------------------------------------------------------------------- command line
 
+def score_model(model, kind, frames_per_block=1, per_prompt=3, seed=0, steps=48, guidance=3.0):
+    """Sample `per_prompt` videos for each of the 18 prompts with a teacher's sampler and score them: the
+    numbers the training logs and the README report (54 videos, fixed noise)."""
+    import torch
+
+    import model as M
+    import rollout
+    prompts = [p for p in data.PROMPTS for _ in range(per_prompt)]
+    tokens = data.tokenize(prompts)
+    cfg = model.cfg
+    noise = torch.randn(len(prompts), cfg.in_dim, cfg.frames, cfg.height, cfg.width,
+                        generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        if kind == "base":
+            x = rollout.sample_bidirectional(model, tokens, noise, steps=steps, guidance=guidance)
+        else:
+            x = rollout.generate(model, tokens, noise, frames_per_block=frames_per_block,
+                                 steps=M.timesteps(steps, cfg.shift).tolist(), solver="euler", guidance=guidance)
+    return evaluate(data.to_uint8(x), prompts)
+
+
 def _load(path):
     try:
         return check_videos(np.load(path, allow_pickle=False))

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import eval as E
 import model as M
 import trainer as T
 
@@ -43,6 +44,7 @@ DEFAULTS = dict(
     seed=0,
     bf16=True,
     ckpt_every=250,
+    eval_every=0,  # sample 54 videos from the EMA weights and log their toy-VBench scores (0 = never)
     log_every=10,
     device="",
 )
@@ -130,6 +132,12 @@ def main(argv):
         run.log(step + 1, loss=value, grad_norm=grad_norm, lr=lr)
         if (step + 1) % cfg["ckpt_every"] == 0 or step + 1 == cfg["steps"]:
             run.save(step + 1)
+        if rank == 0 and cfg["eval_every"] and ((step + 1) % cfg["eval_every"] == 0 or step + 1 == cfg["steps"]):
+            judge = M.build(mcfg).to(device).eval()
+            ema.copy_to(judge)
+            kind = "base" if cfg["stage"] == "base" else "ar_teacher"
+            scores = E.score_model(judge, kind, cfg["frames_per_block"])
+            run.record(step + 1, {k: round(v, 4) for k, v in scores.items()})
     run.close()
     if rank == 0 and cfg["export"]:
         kind = "base" if cfg["stage"] == "base" else "ar_teacher"

@@ -267,6 +267,12 @@ class Run:
             f.write(json.dumps({"step": step, "wall_s": round(self.elapsed(), 1), **values}) + "\n")
         self.bar.set_postfix({k: v for k, v in values.items() if isinstance(v, float)})
 
+    def record(self, step, scores):
+        """An evaluation record in the log ({"step", "wall_s", "eval": {...}}): the quality-vs-time curve."""
+        if self.rank == 0:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps({"step": step, "wall_s": round(self.elapsed(), 1), "eval": scores}) + "\n")
+
     def close(self):
         self.bar.close()
 

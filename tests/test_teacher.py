@@ -22,7 +22,7 @@ def run(tmp, name, *extra):
 
 
 def losses(folder):
-    return [json.loads(line)["loss"] for line in open(folder / "log.jsonl")]
+    return [json.loads(line)["loss"] for line in open(folder / "log.jsonl") if '"loss"' in line]
 
 
 def test_kill_and_resume_continues_the_same_trajectory(tmp_path, monkeypatch):
@@ -94,7 +94,9 @@ def test_torchrun_two_processes_take_the_same_step_as_one(tmp_path):
 @pytest.mark.slow
 def test_every_stage_runs_end_to_end_and_samples(tmp_path):
     base = str(tmp_path / "base")
-    run(tmp_path, "b", "--steps=2", f"--export={base}")
+    run(tmp_path, "b", "--steps=2", f"--export={base}", "--eval_every=2")
+    scored = [json.loads(line) for line in open(base + ".log.jsonl") if "eval" in line]
+    assert scored[0]["step"] == 2 and 0 <= scored[0]["eval"]["total"] <= 1  # the quality curve is in the log
     for fpb in (1, 3):
         ar = str(tmp_path / f"ar{fpb}")
         run(tmp_path, f"a{fpb}", "--stage=ar", f"--frames_per_block={fpb}", f"--init={base}", "--steps=2",
