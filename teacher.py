@@ -12,7 +12,6 @@ by the bell w(t) (DESIGN §2). A run resumes from OUT/ckpt when it exists; `--ex
 EMA weights as STEM.safetensors + STEM.json at the end.
 """
 import os
-import shutil
 import sys
 from dataclasses import asdict
 
@@ -139,16 +138,9 @@ def main(argv):
             scores = E.score_model(judge, kind, cfg["frames_per_block"])
             run.record(step + 1, {k: round(v, 4) for k, v in scores.items()})
     run.close()
-    if rank == 0 and cfg["export"]:
-        kind = "base" if cfg["stage"] == "base" else "ar_teacher"
-        meta = {"kind": kind, "config": asdict(mcfg), "frames_per_block": None if kind == "base" else cfg["frames_per_block"],
-                "shift": cfg["shift"], "steps": cfg["steps"], "batch_size": cfg["batch_size"],
-                "wall_s": round(run.elapsed(), 1), "log": os.path.basename(cfg["export"]) + ".log.jsonl"}
-        shipped = M.build(mcfg)
-        ema.copy_to(shipped)
-        T.export(cfg["export"], shipped, meta)
-        if os.path.exists(run.log_path):  # the training curve ships beside the weights
-            shutil.copy(run.log_path, cfg["export"] + ".log.jsonl")
+    kind = "base" if cfg["stage"] == "base" else "ar_teacher"
+    run.ship(cfg["export"], ema, mcfg, {"kind": kind, "frames_per_block": None if kind == "base" else cfg["frames_per_block"],
+                                        "shift": cfg["shift"], "steps": cfg["steps"], "batch_size": cfg["batch_size"]})
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

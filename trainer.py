@@ -10,9 +10,11 @@ take exactly the steps an uninterrupted single-process run takes.
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -272,6 +274,17 @@ class Run:
         if self.rank == 0:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps({"step": step, "wall_s": round(self.elapsed(), 1), "eval": scores}) + "\n")
+
+    def ship(self, stem, ema, cfg, meta):
+        """Export the EMA weights as a shipped checkpoint (rank 0), its JSONL log beside it."""
+        if self.rank != 0 or not stem:
+            return
+        shipped = M.build(cfg)
+        ema.copy_to(shipped)
+        log_name = os.path.basename(stem) + ".log.jsonl"
+        export(stem, shipped, {**meta, "config": asdict(cfg), "wall_s": round(self.elapsed(), 1), "log": log_name})
+        if os.path.exists(self.log_path):  # the training curve ships beside the weights
+            shutil.copy(self.log_path, os.path.join(os.path.dirname(os.path.abspath(stem)), log_name))
 
     def close(self):
         self.bar.close()
