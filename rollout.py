@@ -1,5 +1,5 @@
 """Generation, written once: the bidirectional Euler sampler and the block-by-block KV-cached rollout that
-sample.py streams from, eval.py judges and the later training stages roll out with.
+sample.py streams from, eval.py judges and dmd.py trains through (its self-forcing rollout).
 
 Causal rollout, per block of `frames_per_block` frames:
   - teacher (solver "euler"): integrate the block's ODE over a step list with classifier-free guidance;
@@ -7,6 +7,9 @@ Causal rollout, per block of `frames_per_block` frames:
     repeat; the last x0 is the block;
 then run the model once on the finished block at t = 0 with cache_write=True, so later blocks attend
 to clean keys/values of it. Text keys/values are computed once per video (inside the cache).
+
+The training rollout of DMD is the same loop with `exit_steps`: each block stops at a random exit step,
+whose x0 is the block, so it equals the sampler run with the step list cut after that step (tested).
 """
 import torch
 
@@ -41,42 +44,98 @@ def sample_bidirectional(model, tokens, noise, steps=48, guidance=3.0, shift=Non
     return x
 
 
+class Cache(M.KVCache):
+    """The model's KV cache, made safe for the training rollout's exit step, a forward that carries
+    gradient. Later no-grad passes overwrite the cache buffers in place, which would invalidate that
+    forward's backward if it had attended to them directly; so under grad the block attends to
+    [committed K/V | its own K/V] built by concatenation, and recomputes the text K/V (those cached by a
+    no-grad pass would cut the text path out of the gradient; a few tokens, cheap next to the video's).
+    Without grad this is exactly the model's cache."""
+
+    def attend(self, layer, k, v, tokens_per_frame):
+        ck, cv = super().attend(layer, k.detach(), v.detach(), tokens_per_frame)
+        if not torch.is_grad_enabled():
+            return ck, cv
+        n = ck.shape[1] - k.shape[1]
+        return torch.cat([ck[:, :n], k], 1), torch.cat([cv[:, :n], v], 1)
+
+    @property
+    def text(self):
+        return [None] * len(self._text) if torch.is_grad_enabled() else self._text
+
+    @text.setter
+    def text(self, value):
+        self._text = value
+
+
 def stream(model, tokens, noise, frames_per_block, steps, solver="consistency", first_steps=None,
-           guidance=1.0, window=None, sink=0, generator=None):
-    """Yield the video block by block ([B, C, frames_per_block, H, W] each) as it is generated.
-    `steps`: the block's timestep list (e.g. model.timesteps(2, shift)); `first_steps` overrides it for
-    block 0 (the frame-wise students give frame 0 four steps)."""
+           guidance=1.0, window=None, sink=0, generator=None, context=None, exit_steps=None, rows=None):
+    """Yield the generated video block by block ([B, C, frames_per_block, H, W] each) as it is produced.
+
+    steps: the block's timestep list (e.g. model.timesteps(2, shift)); `first_steps` overrides it for
+      frame 0's block (the frame-wise students give frame 0 four steps).
+    context: clean frames [B, C, k, H, W] written into the cache at t = 0 before anything is generated
+      (image-to-video: the given frame is frame 0, so `first_steps` does not apply); not yielded.
+    exit_steps=(j, j_first): the self-forcing training rollout. Every block stops at step j (frame 0's
+      block at j_first of `first_steps`); the steps before run without grad, the exit step's forward
+      runs with grad (when the caller has grad enabled) and its x0 is the block. Without it, no grad.
+    rows=(slice, global batch): a process's share of a global batch under DDP. Fresh noise is drawn for
+      the whole batch and sliced, so N processes roll out exactly what one process would.
+    A block is yielded before it is re-encoded into the cache: a consumer sees it as soon as it exists.
+    """
+    if exit_steps is not None and solver != "consistency":
+        raise ValueError("exit steps belong to the consistency solver of the few-step students")
+    net = getattr(model, "module", model)  # in training the generator may be DDP-wrapped; call the wrapper
     B, _, n_frames = noise.shape[:3]
     if n_frames % frames_per_block:
         raise ValueError(f"{n_frames} frames are not a whole number of {frames_per_block}-frame blocks")
+    grad = exit_steps is not None and torch.is_grad_enabled()
     width = 2 if guidance > 1 else 1
-    with torch.no_grad():
-        ctx = contexts(model, tokens, guidance)
-    cache = model.new_cache(max_frames=max(n_frames, model.cfg.frames), window=window, sink=sink)
-    for start in range(0, n_frames, frames_per_block):
-        x = noise[:, :, start:start + frames_per_block]
-        ts = list(first_steps if start == 0 and first_steps is not None else steps)
+
+    def fresh(like):  # re-noising draws (see `rows`)
+        shape = like.shape if rows is None else (rows[1], *like.shape[1:])
+        eps = torch.randn(shape, generator=generator, dtype=like.dtype)
+        return (eps if rows is None else eps[rows[0]]).to(like.device)
+
+    def encode(x0):  # the block's clean keys/values, written at t = 0; history carries no gradient
         with torch.no_grad():
-            x0 = denoise_block(model, x, ts, ctx, cache, solver, guidance, generator)
-            zero = torch.zeros(B * width, frames_per_block, device=x.device)
-            model(x0.repeat(width, 1, 1, 1, 1), zero, ctx, kv_cache=cache, cache_write=True)
+            zero = torch.zeros(B * width, x0.shape[2], device=x0.device)
+            model(x0.detach().repeat(width, 1, 1, 1, 1), zero, ctx, kv_cache=cache, cache_write=True)
+
+    with torch.set_grad_enabled(grad):
+        ctx = contexts(net, tokens, guidance)
+    given = 0 if context is None else context.shape[2]
+    cache = Cache(net.cfg.num_layers, max(given + n_frames, net.cfg.frames), window, sink)
+    if context is not None:
+        encode(context)
+    for start in range(0, n_frames, frames_per_block):
+        first = start == 0 and context is None and first_steps is not None
+        ts = list(first_steps if first else steps)
+        j = None if exit_steps is None else exit_steps[1 if first else 0]
+        x = noise[:, :, start:start + frames_per_block]
+        x0 = denoise_block(model, x, ts, ctx, cache, solver, guidance, fresh, j, grad)
         yield x0
+        if start + frames_per_block < n_frames:  # the last block is never attended to
+            encode(x0)
 
 
-def denoise_block(model, x, ts, ctx, cache, solver, guidance, generator):
-    B = x.shape[0]
-    n = x.shape[2]
+def denoise_block(model, x, ts, ctx, cache, solver, guidance, fresh, exit_step=None, grad=False):
+    """One block from noise to x0 over the step list `ts`; stops after `exit_step` when given, and only
+    that step's forward may carry gradient. `fresh(x)` draws the re-noising noise."""
+    B, n = x.shape[0], x.shape[2]
     if solver == "euler":
-        for t, t_next in zip(ts, ts[1:] + [0.0]):
-            v = velocity(model, x, torch.full((B, n), t, device=x.device), ctx, guidance, kv_cache=cache)
-            x = M.euler_step(x, v, t, t_next)
+        with torch.no_grad():
+            for t, t_next in zip(ts, ts[1:] + [0.0]):
+                v = velocity(model, x, torch.full((B, n), t, device=x.device), ctx, guidance, kv_cache=cache)
+                x = M.euler_step(x, v, t, t_next)
         return x
-    for i, t in enumerate(ts):
+    last = len(ts) - 1 if exit_step is None else exit_step
+    for i, t in enumerate(ts[:last + 1]):
         t_now = torch.full((B, n), t, device=x.device)
-        x0 = M.x0_from_v(x, velocity(model, x, t_now, ctx, guidance, kv_cache=cache), t_now)
-        if i + 1 < len(ts):  # re-noise with fresh noise, not an ODE step
-            fresh = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-            x = M.add_noise(x0, fresh, torch.full((B, n), ts[i + 1], device=x.device))
+        with torch.set_grad_enabled(grad and i == last):
+            x0 = M.x0_from_v(x, velocity(model, x, t_now, ctx, guidance, kv_cache=cache), t_now)
+        if i < last:  # re-noise with fresh noise, not an ODE step
+            x = M.add_noise(x0, fresh(x), torch.full((B, n), ts[i + 1], device=x.device))
     return x0
 
 

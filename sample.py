@@ -1,14 +1,17 @@
-"""Sample videos from a shipped checkpoint; the checkpoint's JSON picks the sampler.
+"""Stream videos from a shipped checkpoint; the checkpoint's JSON picks the sampler.
 
     python sample.py                                   # the default checkpoint, one video + contact sheet
     python sample.py --prompt "cyan triangle" --num-samples 4 --out cyan.gif
     python sample.py --ckpt checkpoints/ar_teacher_framewise.safetensors --save-npy teacher.npy
     python sample.py --num-frames 48                   # past the trained length: rolling KV window
-    python sample.py --bench                           # last line: JSON with latency and frames/s
+    python sample.py --first-frame start.png           # image-to-video: frame 0 is given, the rest streams
+    python sample.py --bench --compare                 # last line: JSON with latency, frames/s and the ratio
 
 kinds: `base` (bidirectional, all frames jointly, Euler + guidance), `ar_teacher` (block by block with
 the KV cache, Euler + guidance per block, each finished block re-encoded at t = 0), and few-step
-students (`student`: frame 0 on its own step list, then 1-2 consistency steps per block).
+students (`student`: frame-wise 1-2 consistency steps per frame with frame 0 on its own 4-step list, or
+chunk-wise 4 steps per 3-frame block). A .mp4/.gif grows block by block while the video is generated;
+the PNG contact sheet is written at the end.
 """
 import argparse
 import json
@@ -24,12 +27,15 @@ import model as M
 import rollout
 import trainer as T
 
-DEFAULT_CKPTS = ("checkpoints/cfpp_framewise_2step", "checkpoints/ar_teacher_framewise")
+DEFAULT_CKPTS = ("checkpoints/cfpp_framewise_2step", "checkpoints/ar_teacher_framewise", "checkpoints/base")
+COMPARE_CKPT = "checkpoints/cf_chunkwise_4step"  # Causal Forcing, chunk-wise 4-step: the baseline to beat
+FPS = 8
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: T.die(f"{message} (see --help)")  # one line, exit 2, like every bad input
     p.add_argument("--ckpt", help="NAME.safetensors (+ NAME.json); default: the first shipped of "
                    + ", ".join(DEFAULT_CKPTS))
     p.add_argument("--prompt", default="red circle", help='"<colour> <shape>", e.g. "cyan triangle"')
@@ -43,11 +49,18 @@ def parse_args(argv):
     p.add_argument("--window", type=int, help="rolling KV window in frames (default: the trained length "
                    "when --num-frames exceeds it)")
     p.add_argument("--sink", type=int, default=1, help="sink frames kept in the rolling window")
+    p.add_argument("--first-frame", metavar="PATH.png", help="image-to-video: this RGB frame (the model's "
+                   "size, 32x32) is written into the cache at t = 0 as frame 0 and the rest is generated")
     p.add_argument("--out", default="samples/sample.mp4", help=".mp4, .gif or .png")
     p.add_argument("--save-npy", help="also write uint8 [N, T, H, W, 3] (and PATH.prompts.txt)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bench", action="store_true", help="time first-frame latency and frames/s; JSON last line")
-    return p.parse_args(argv)
+    p.add_argument("--compare", action="store_true", help="--bench, and also time the chunk-wise 4-step "
+                   "student in the same run and report latency_ratio (this checkpoint / that one)")
+    p.add_argument("--compare-ckpt", default=COMPARE_CKPT, help=f"what --compare times (default {COMPARE_CKPT})")
+    a = p.parse_args(argv)
+    a.bench = a.bench or a.compare
+    return a
 
 
 def resolve_ckpt(path):
@@ -60,11 +73,28 @@ def resolve_ckpt(path):
           + "); train one (see README) or pass --ckpt")
 
 
+def load(stem, device):
+    """A checkpoint this sampler can draw from: the toy world's pixels and prompt tokens."""
+    try:
+        model, meta = T.load_model(stem, device)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # a JSON of some other project
+        T.die(f"checkpoint {stem} is not a model checkpoint of this project ({type(e).__name__}: {e})")
+    cfg = model.cfg
+    if (cfg.in_dim, cfg.out_dim) != (3, 3) or cfg.vocab_size < len(data.VOCAB):
+        T.die(f"checkpoint {stem} is not a toy-world model (in_dim {cfg.in_dim}, vocab {cfg.vocab_size}): "
+              "sample.py draws 3-channel pixels from '<colour> <shape>' prompts")
+    return model, meta
+
+
 def read_prompts(a):
+    if a.num_samples <= 0:
+        T.die(f"--num-samples must be positive, got {a.num_samples}")
     if a.prompts_file:
-        if not os.path.exists(a.prompts_file):
-            T.die(f"--prompts-file {a.prompts_file} not found")
-        prompts = [line.strip() for line in open(a.prompts_file) if line.strip()]
+        try:
+            with open(a.prompts_file) as f:
+                prompts = [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            T.die(f"--prompts-file {a.prompts_file} cannot be read ({type(e).__name__})")
         if not prompts:
             T.die(f"--prompts-file {a.prompts_file} holds no prompt")
     else:
@@ -76,50 +106,165 @@ def read_prompts(a):
         T.die(str(e))
 
 
+def read_frame(path, cfg):
+    """--first-frame: an 8-bit RGB image of the model's frame size -> [1, 3, 1, H, W] in [-1, 1]."""
+    import imageio.v3 as iio
+    if not os.path.isfile(path):
+        T.die(f"--first-frame {path} not found")
+    try:
+        img = np.asarray(iio.imread(path, plugin="pillow"))  # as stored: no silent conversion of mode or depth
+    except Exception as e:  # Pillow raises several types on a file that is not an image
+        T.die(f"--first-frame {path} is not a readable image ({type(e).__name__})")
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] not in (3, 4):
+        T.die(f"--first-frame {path} must be an 8-bit RGB image, got {img.dtype} with shape {img.shape}")
+    if img.shape[2] == 4 and (img[..., 3] < 255).any():
+        T.die(f"--first-frame {path} has transparent pixels; give an opaque RGB image")
+    if img.shape[:2] != (cfg.height, cfg.width):
+        T.die(f"--first-frame {path} is {img.shape[1]}x{img.shape[0]}; the model's frames are {cfg.width}x{cfg.height}")
+    return data.to_model(img[None, ..., :3])
+
+
+def count(meta, key, default=None):
+    """A positive whole number from the checkpoint's JSON (or the default when absent)."""
+    value = meta.get(key, default)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+        T.die(f"checkpoint JSON has a bad {key}: {value!r}")
+    return value
+
+
 def plan(meta, a, cfg):
     """The sampler settings: the checkpoint's, overridden by the flags, checked for consistency."""
     kind = meta["kind"]
-    fpb = a.frames_per_block or meta.get("frames_per_block") or 1
-    n_frames = a.num_frames or cfg.frames
+    if kind not in ("base", "ar_teacher", "student"):
+        T.die(f"checkpoint kind {kind!r} cannot be sampled (base, ar_teacher or student)")
+    fpb = a.frames_per_block if a.frames_per_block is not None else count(meta, "frames_per_block") or 1
+    n_frames = a.num_frames if a.num_frames is not None else cfg.frames
     if n_frames <= 0 or fpb <= 0 or (a.steps is not None and a.steps <= 0):
         T.die("--num-frames, --frames-per-block and --steps must be positive")
-    if kind != "base" and n_frames % fpb:
+    given = 1 if getattr(a, "first_frame", None) else 0
+    if given and (kind == "base" or fpb != 1):
+        T.die("--first-frame needs a frame-wise causal checkpoint (frames_per_block 1): frame 0 becomes cached context")
+    if given and n_frames < 2:
+        T.die("--first-frame needs --num-frames of at least 2 (frame 0 is the given one)")
+    if kind != "base" and (n_frames - given) % fpb:
         T.die(f"--num-frames {n_frames} is not a multiple of --frames-per-block {fpb}")
     if kind == "base" and n_frames != cfg.frames:
         T.die(f"the bidirectional base generates exactly its trained {cfg.frames} frames")
-    window = a.window or (cfg.frames if n_frames > cfg.frames else None)
-    if window is not None and not 0 <= a.sink < window or (window is not None and fpb > window - a.sink):
+    window = a.window if a.window is not None else (cfg.frames if n_frames > cfg.frames else None)
+    if window is not None and not (0 <= a.sink < window and fpb <= window - a.sink):
         T.die(f"--window {window} must exceed --sink {a.sink} by at least one block ({fpb} frames)")
-    guidance = a.guidance if a.guidance is not None else meta.get("guidance", 3.0 if kind in ("base", "ar_teacher") else 1.0)
-    if kind in ("base", "ar_teacher"):
+    teacher = kind in ("base", "ar_teacher")
+    guidance = a.guidance if a.guidance is not None else meta.get("guidance", 3.0 if teacher else 1.0)
+    if teacher:
         steps = a.steps or 48
         return dict(kind=kind, fpb=fpb, frames=n_frames, steps=steps, first=None, solver="euler",
                     guidance=guidance, window=window, sink=a.sink if window else 0)
-    if kind != "student":
-        T.die(f"checkpoint kind {kind!r} cannot be sampled")
-    steps = a.steps or meta["steps_per_block"]
-    return dict(kind=kind, fpb=fpb, frames=n_frames, steps=steps, first=meta.get("first_block_steps"),
+    steps = a.steps or count(meta, "steps_per_block")
+    if steps is None:
+        T.die("student checkpoint JSON has no steps_per_block")
+    return dict(kind=kind, fpb=fpb, frames=n_frames, steps=steps, first=count(meta, "first_block_steps"),
                 solver="consistency", guidance=guidance, window=window, sink=a.sink if window else 0)
 
 
-def run(model, tokens, p, seed, device, on_block=None):
-    """Generate; returns the video [N, 3, T, H, W] in [-1, 1]. `on_block(i)` is called as blocks finish."""
+def blocks(model, tokens, p, seed, device, first_frame=None):
+    """Yield the video [N, 3, k, H, W] in [-1, 1] as it is produced: the given first frame (if any), then
+    block by block (the bidirectional base: all frames at once)."""
     cfg = model.cfg
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(tokens), cfg.in_dim, p["frames"], cfg.height, cfg.width, generator=g).to(device)
+    given = 0 if first_frame is None else 1
+    noise = torch.randn(len(tokens), cfg.in_dim, p["frames"] - given, cfg.height, cfg.width, generator=g).to(device)
     tokens = tokens.to(device)
     if p["kind"] == "base":
-        video = rollout.sample_bidirectional(model, tokens, noise, p["steps"], p["guidance"])
-        on_block and on_block(0)
-        return video
+        yield rollout.sample_bidirectional(model, tokens, noise, p["steps"], p["guidance"])
+        return
+    context = None
+    if first_frame is not None:
+        context = first_frame.to(device).expand(len(tokens), -1, -1, -1, -1)
+        yield context
     steps = M.timesteps(p["steps"], cfg.shift).tolist()
     first = M.timesteps(p["first"], cfg.shift).tolist() if p["first"] else None
-    blocks = []
-    for i, block in enumerate(rollout.stream(model, tokens, noise, p["fpb"], steps, p["solver"], first, p["guidance"],
-                                             window=p["window"], sink=p["sink"], generator=g)):
-        blocks.append(block)
+    yield from rollout.stream(model, tokens, noise, p["fpb"], steps, p["solver"], first, p["guidance"],
+                              window=p["window"], sink=p["sink"], generator=g, context=context)
+
+
+def run(model, tokens, p, seed, device, on_block=None, first_frame=None):
+    """Generate; returns the video [N, 3, T, H, W] in [-1, 1]. `on_block(i)` is called as blocks finish."""
+    out = []
+    for i, block in enumerate(blocks(model, tokens, p, seed, device, first_frame)):
+        out.append(block)
         on_block and on_block(i)
-    return torch.cat(blocks, dim=2)
+    return torch.cat(out, dim=2)
+
+
+def bench(model, tokens, p, seed, device, first_frame=None):
+    """First-frame latency (until the first generated block exists) and frames/s of one video."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    next(blocks(model, tokens[:1], p, seed, device))  # warm-up: one-off set-up costs are not latency
+    sync()
+    marks, t0 = [], time.perf_counter()
+    for _ in blocks(model, tokens[:1], p, seed, device, first_frame):
+        sync()
+        marks.append(time.perf_counter())
+    given = 0 if first_frame is None else 1
+    return {"first_frame_latency_s": round(marks[given] - t0, 4),
+            "frames_per_s": round((p["frames"] - given) / (marks[-1] - t0), 2),
+            "frames_per_block": p["frames"] if p["kind"] == "base" else p["fpb"], "steps": p["steps"]}
+
+
+class VideoWriter:
+    """A .mp4 or .gif that grows as blocks arrive; each frame shows the videos side by side in
+    data.save_preview's layout (up to 8 per row, x4 nearest upscale)."""
+
+    def __init__(self, path):
+        import imageio.v2 as imageio
+        self.mp4 = path.lower().endswith(".mp4")
+        self.writer = (imageio.get_writer(path, fps=FPS, macro_block_size=1) if self.mp4
+                       else imageio.get_writer(path, duration=1000 / FPS, loop=0))
+
+    def append(self, video):
+        """video: uint8 [N, k, H, W, 3]."""
+        for i in range(video.shape[1]):
+            frame = data._grid(video[:, i], min(len(video), 8), 4)
+            if self.mp4:  # H.264 wants sides that are multiples of 16: pad with black, never resize
+                frame = np.pad(frame, ((0, -frame.shape[0] % 16), (0, -frame.shape[1] % 16), (0, 0)))
+            self.writer.append_data(frame)
+
+    def close(self):
+        self.writer.close()
+
+
+def write(a, model, tokens, p, device, first_frame, prompts):
+    """Stream the video into --out as it is generated; then the contact sheet and --save-npy."""
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    writer = None if a.out.lower().endswith(".png") else VideoWriter(a.out)
+    parts = []
+    for block in blocks(model, tokens, p, a.seed, device, first_frame):
+        parts.append(data.to_uint8(block))
+        if writer:
+            writer.append(parts[-1])
+    if writer:
+        writer.close()
+    video = np.concatenate(parts, axis=1)
+    sheet = os.path.splitext(a.out)[0] + ".png"
+    data.save_preview(video, sheet)
+    print(f"wrote {a.out}" + (f" and {sheet}" if sheet != a.out else ""), file=sys.stderr)
+    if a.save_npy:
+        np.save(a.save_npy, video)
+        with open(a.save_npy + ".prompts.txt", "w") as f:
+            f.write("\n".join(prompts) + "\n")
+        print(f"wrote {a.save_npy} {tuple(video.shape)}", file=sys.stderr)
+
+
+def baseline(a, device):
+    """--compare: the chunk-wise 4-step student, planned for the same prompt and length.
+    -> (name, model, plan)"""
+    stem = resolve_ckpt(a.compare_ckpt)
+    if not os.path.exists(stem + ".json"):
+        T.die(f"--compare needs the chunk-wise student {stem}.safetensors (train it, or pass --compare-ckpt)")
+    model, meta = load(stem, device)
+    own = argparse.Namespace(**{**vars(a), "steps": None, "frames_per_block": None, "guidance": None,
+                                "first_frame": None})  # its own sampler, not this checkpoint's overrides
+    return os.path.basename(stem), model, plan(meta, own, model.cfg)
 
 
 def main(argv=None):
@@ -132,32 +277,28 @@ def main(argv=None):
         T.die(f"--device {a.device} is not usable here ({str(e).splitlines()[0]})")
     if os.path.splitext(a.out)[1].lower() not in (".mp4", ".gif", ".png"):
         T.die(f"--out {a.out!r} must end in .mp4, .gif or .png")
-    model, meta = T.load_model(stem, device)
+    if a.save_npy and not a.save_npy.endswith(".npy"):
+        T.die(f"--save-npy {a.save_npy!r} must end in .npy")
+    model, meta = load(stem, device)
     prompts, tokens = read_prompts(a)
+    first_frame = read_frame(a.first_frame, model.cfg) if a.first_frame else None
     p = plan(meta, a, model.cfg)
+    other = baseline(a, device) if a.compare else None  # every check before any work
     print(f"{os.path.basename(stem)} ({p['kind']}): {len(prompts)} video(s) x {p['frames']} frames, "
           f"{p['steps']} steps per block, guidance {p['guidance']}", file=sys.stderr)
     if a.bench:
-        marks = []
-        t0 = time.perf_counter()
-        run(model, tokens[:1], p, a.seed, device, on_block=lambda i: marks.append(time.perf_counter()))
-        total = time.perf_counter() - t0
-        per_block = p["frames"] if p["kind"] == "base" else p["fpb"]
-        print(json.dumps({"checkpoint": os.path.basename(stem), "first_frame_latency_s": round(marks[0] - t0, 4),
-                          "frames_per_s": round(p["frames"] / total, 2), "frames_per_block": per_block}))
+        result = {"checkpoint": os.path.basename(stem), **bench(model, tokens, p, a.seed, device, first_frame)}
+        if other:
+            name, other_model, other_p = other
+            result["compare"] = {"checkpoint": name, **bench(other_model, tokens, other_p, a.seed, device)}
+            result["latency_ratio"] = round(result["first_frame_latency_s"]
+                                            / result["compare"]["first_frame_latency_s"], 4)
+        print(json.dumps(result))
         return
-    video = data.to_uint8(run(model, tokens, p, a.seed, device))
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    data.save_preview(video, a.out)
-    sheet = os.path.splitext(a.out)[0] + ".png"
-    if sheet != a.out:
-        data.save_preview(video, sheet)
-    print(f"wrote {a.out}" + (f" and {sheet}" if sheet != a.out else ""), file=sys.stderr)
-    if a.save_npy:
-        np.save(a.save_npy, video)
-        with open(a.save_npy + ".prompts.txt", "w") as f:
-            f.write("\n".join(prompts) + "\n")
-        print(f"wrote {a.save_npy} {tuple(video.shape)}", file=sys.stderr)
+    try:
+        write(a, model, tokens, p, device, first_frame, prompts)
+    except OSError as e:
+        T.die(f"cannot write the output: {e}")
 
 
 if __name__ == "__main__":

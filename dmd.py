@@ -1,0 +1,211 @@
+"""Stage 3: DMD finetuning with self-forcing rollouts; it makes the few-step students that sample.py streams.
+
+    python dmd.py --init=checkpoints/causal_cd_framewise --steps_per_block=2 --export=checkpoints/cfpp_framewise_2step
+    python dmd.py --init=checkpoints/causal_cd_framewise --steps_per_block=1 --export=checkpoints/cfpp_framewise_1step
+    python dmd.py --init=checkpoints/causal_ode_chunkwise --frames_per_block=3 --steps_per_block=4 \
+                  --export=checkpoints/cf_chunkwise_4step
+    python dmd.py --init=checkpoints/bidir_ode_chunkwise --frames_per_block=3 --steps_per_block=4 \
+                  --export=checkpoints/sf_chunkwise_4step
+    torchrun --nproc_per_node=2 dmd.py ...                  # the same on N processes (DDP)
+
+Three networks. The generator G (the student, from a stage-2 init) rolls out whole videos exactly as
+sample.py does (rollout.stream: block by block with the KV cache, a few consistency steps per block), so
+it learns on its own history: self forcing. Every block stops at one random exit step, and only that
+step's forward carries gradient. Then the video x is noised to one t and denoised by two bidirectional
+scores: the real score (the frozen base, guided) and the fake score (a critic that starts as a copy of
+the base and is trained by flow matching on G's rollouts). Their difference moves x towards what the
+base would draw: g = (x0_fake - x0_real) / mean|x - x0_real|, applied through the loss
+1/2 |x - sg(x - g)|^2, whose gradient with respect to x is g. The critic steps every iteration, the
+generator every `critic_updates`-th, so the fake score keeps up with G. The shipped weights are G's EMA.
+Data-free: only prompts. A run resumes from OUT/ckpt (G, critic, both optimizers and the EMA).
+"""
+import os
+import shutil
+import sys
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+
+import data
+import model as M
+import rollout
+import trainer as T
+
+DEFAULTS = dict(
+    init="checkpoints/causal_cd_framewise",  # the stage-2 student G starts from (kind "student")
+    real="checkpoints/base",  # the frozen bidirectional base: the real score, and the critic's start
+    frames_per_block=0,  # 0 = the init's (1 frame-wise, 3 chunk-wise)
+    steps_per_block=0,  # 0 = the init's; frame-wise students below 4 steps give frame 0 a 4-step list
+    out="",  # run folder (default runs/dmd_<export name>)
+    export="",  # ship the EMA generator to this stem (e.g. checkpoints/cfpp_framewise_2step) when done
+    steps=500,  # iterations = critic updates; the generator steps on every critic_updates-th (100 here)
+    critic_updates=5,
+    batch_size=8,
+    lr=1e-4,  # generator; the paper's 2e-6 is for Wan at batch 64. Toy: x50, like the toy teacher's 1e-3
+    critic_lr=2e-5,  # the paper's ratio: 5 critic steps of lr/5 move the critic as far as one G step
+    weight_decay=0.01,
+    grad_clip=10.0,
+    ema=0.99,
+    real_guidance=3.0,  # x0_c + 3 (x0_c - x0_u), i.e. weight 4 in the standard form
+    seed=0,
+    bf16=True,
+    ckpt_every=50,
+    log_every=5,
+    device="",
+)
+
+
+def schedule(fpb, steps, shift):
+    """The student's sampler: warped step lists; frame-wise 1/2-step students give frame 0 four steps,
+    since it has no history to lean on (the CF++ first-frame trick). The counts go into the shipped JSON."""
+    first = 4 if fpb == 1 and steps < 4 else None
+    return dict(frames_per_block=fpb, steps_per_block=steps, first_block_steps=first,
+                steps=M.timesteps(steps, shift).tolist(), first=M.timesteps(first, shift).tolist() if first else None)
+
+
+def make_batch(cfg, step, stream, shape, sched, shift):
+    """One update's randomness over the global batch, from (seed, step, stream): prompts, rollout noise,
+    the exit steps (shared by all blocks; frame 0's own on its list), DMD/critic t and noise, and the
+    generator of the rollout's fresh re-noising draws."""
+    g = T.step_generator(cfg["seed"], step, stream)
+    B = cfg["batch_size"]
+    prompts = [data.PROMPTS[i] for i in torch.randint(len(data.PROMPTS), (B,), generator=g)]
+    noise = torch.randn((B, *shape), generator=g)
+    n_first = len(sched["first"]) if sched["first"] else 1  # drawn either way: the draws stay aligned
+    exits = (torch.randint(len(sched["steps"]), (), generator=g).item(),
+             torch.randint(n_first, (), generator=g).item())
+    t = M.sample_t((B,), shift, g).clamp(20, 980)  # one t per video, the same for all its frames
+    eps = torch.randn((B, *shape), generator=g)
+    return dict(tokens=data.tokenize(prompts), noise=noise, exits=exits, t=t, eps=eps,
+                fresh=T.step_generator(cfg["seed"], step, stream + 2))
+
+
+def self_forcing(gen, b, sched, rows=None):
+    """G's rollout, the sampler's loop stopped at the exit steps (with grad there if grad is enabled)."""
+    return rollout.generate(gen, b["tokens"], b["noise"], frames_per_block=sched["frames_per_block"],
+                            steps=sched["steps"], first_steps=sched["first"], generator=b["fresh"],
+                            exit_steps=b["exits"], rows=rows)
+
+
+def real_x0(real, x_t, t, tokens, scale):
+    """The real score's x0 with guidance in the DMD form x0_c + s (x0_c - x0_u). x0 is affine in v, so this
+    is the standard guidance v_u + (1 + s)(v_c - v_u) turned into x0."""
+    v = rollout.velocity(real, x_t, t, rollout.contexts(real, tokens, 1 + scale), 1 + scale)
+    return M.x0_from_v(x_t, v, t)
+
+
+def dmd_loss(x, real, critic, tokens, t, eps, scale):
+    """-> (loss, g): 1/2 |x - sg(x - g)|^2 (mean), whose gradient with respect to x is g / x.numel()."""
+    with torch.no_grad():
+        x_t = M.add_noise(x, eps, t)
+        x0_fake = M.x0_from_v(x_t, critic(x_t, t, critic.encode_text(tokens)), t)
+        x0_real = real_x0(real, x_t, t, tokens, scale)
+        g = (x0_fake - x0_real) / (x - x0_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)  # per video
+        g = torch.nan_to_num(g)
+    return 0.5 * F.mse_loss(x, (x - g).detach()), g
+
+
+def critic_loss(critic, x, tokens, t, eps):
+    """Flow matching on G's samples: the critic learns the score of what G draws now."""
+    x_t = M.add_noise(x, eps, t)
+    return F.mse_loss(critic(x_t, t, T.unwrap(critic).encode_text(tokens)), eps - x)
+
+
+def load(stem, kind, device):
+    net, meta = T.load_model(stem, device)
+    if meta["kind"] != kind:
+        T.die(f"{stem} is a {meta['kind']!r} checkpoint; expected {kind!r}")
+    return net, meta
+
+
+def networks(cfg, device):
+    """-> G (from the stage-2 init), the frozen real score, the critic (a trainable copy of the base),
+    and G's sampler schedule; the frames per block and steps default to the init's."""
+    gen, meta = load(cfg["init"], "student", device)
+    real, _ = load(cfg["real"], "base", device)
+    c = gen.cfg
+    geometry = lambda m: (m.in_dim, m.frames, m.height, m.width, m.patch_size)
+    if geometry(real.cfg) != geometry(c):
+        T.die(f"--real {cfg['real']} draws other videos than --init {cfg['init']} (channels, frames or size)")
+    fpb = cfg["frames_per_block"] or meta.get("frames_per_block")
+    if not fpb or fpb <= 0 or c.frames % fpb:
+        T.die(f"--frames_per_block must divide the {c.frames} frames, got {fpb}")
+    if meta.get("frames_per_block") not in (None, fpb):
+        T.die(f"--frames_per_block {fpb} differs from the init's {meta['frames_per_block']}")
+    steps = cfg["steps_per_block"] or meta.get("steps_per_block")
+    if not steps or steps <= 0:
+        T.die(f"--steps_per_block must be positive, got {steps}")
+    critic = M.build(real.cfg).to(device)
+    critic.load_state_dict(real.state_dict())
+    real.requires_grad_(False)
+    return gen, real, critic, schedule(fpb, steps, c.shift)
+
+
+def main(argv):
+    cfg = T.parse_overrides(DEFAULTS, argv)
+    for key in ("steps", "critic_updates", "batch_size", "ckpt_every", "log_every"):
+        if cfg[key] <= 0:
+            T.die(f"--{key} must be positive, got {cfg[key]}")
+    rank, world, device = T.setup_distributed()
+    if cfg["device"]:
+        device = torch.device(cfg["device"])
+    gen, real, critic, sched = networks(cfg, device)
+    mcfg = gen.cfg
+    name = os.path.basename(cfg["export"]) or f"b{sched['frames_per_block']}_s{sched['steps_per_block']}"
+    out = cfg["out"] or os.path.join("runs", "dmd_" + name)
+    ema = T.EMA(gen, cfg["ema"])
+    adamw = lambda net, lr: torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.0, 0.999),
+                                              weight_decay=cfg["weight_decay"])
+    opt_g, opt_c = adamw(gen, cfg["lr"]), adamw(critic, cfg["critic_lr"])
+    run = T.Run(out, cfg["steps"], {"kind": "train_dmd", "config": asdict(mcfg), "train": cfg},
+                modules={"generator": gen, "critic": critic}, emas={"generator": ema},
+                optimizers={"generator": opt_g, "critic": opt_c}, rank=rank, world=world, log_every=cfg["log_every"])
+    gen_ddp, critic_ddp = T.wrap_ddp(gen, device), T.wrap_ddp(critic, device)
+    local = T.local_slice(cfg["batch_size"], rank, world)
+    rows = (local, cfg["batch_size"]) if world > 1 else None
+    shape = (mcfg.in_dim, mcfg.frames, mcfg.height, mcfg.width)
+
+    def batch(step, stream):  # this process's rows of the update's global batch
+        b = make_batch(cfg, step, stream, shape, sched, mcfg.shift)
+        return {k: (v[local].to(device) if torch.is_tensor(v) and v.ndim else v) for k, v in b.items()}
+
+    last = {}
+    for step in range(run.start, cfg["steps"]):
+        if step % cfg["critic_updates"] == 0:  # the generator: DMD through its own rollout
+            b = batch(step, 0)
+            with T.autocast(device, cfg["bf16"]):
+                x = self_forcing(gen_ddp, b, sched, rows)
+                loss, _ = dmd_loss(x, real, critic, b["tokens"], b["t"], b["eps"], cfg["real_guidance"])
+            last = dict(dmd_loss=run.check(loss, step),  # = mean g^2 / 2
+                        gen_grad_norm=T.optimizer_step(opt_g, loss, cfg["lr"], cfg["grad_clip"]))
+            n = step // cfg["critic_updates"]
+            ema.update(gen, min(cfg["ema"], (1 + n) / (10 + n)))  # warm-up: early EMA tracks the weights
+        b = batch(step, 1)  # the critic: flow matching on a fresh rollout of G, no grad through G
+        with T.autocast(device, cfg["bf16"]):
+            with torch.no_grad():
+                x = self_forcing(gen, b, sched, rows)
+            loss = critic_loss(critic_ddp, x, b["tokens"], b["t"], b["eps"])
+        value = run.check(loss, step)
+        grad_norm = T.optimizer_step(opt_c, loss, cfg["critic_lr"], cfg["grad_clip"])
+        run.log(step + 1, critic_loss=value, critic_grad_norm=grad_norm, **last)
+        if (step + 1) % cfg["ckpt_every"] == 0 or step + 1 == cfg["steps"]:
+            run.save(step + 1)
+    run.close()
+    if rank == 0 and cfg["export"]:
+        counts = {k: sched[k] for k in ("frames_per_block", "steps_per_block", "first_block_steps")}
+        meta = {"kind": "student", "config": asdict(mcfg), **counts, "shift": mcfg.shift,
+                "init": os.path.basename(cfg["init"]), "real": os.path.basename(cfg["real"]),
+                "steps": cfg["steps"], "batch_size": cfg["batch_size"], "wall_s": round(run.elapsed(), 1),
+                "log": os.path.basename(cfg["export"]) + ".log.jsonl"}
+        shipped = M.build(mcfg)
+        ema.copy_to(shipped)
+        T.export(cfg["export"], shipped, meta)
+        if os.path.exists(run.log_path):  # the training curve ships beside the weights
+            shutil.copy(run.log_path, cfg["export"] + ".log.jsonl")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,258 @@
+"""Stage 3: the self-forcing training rollout is the sampler, gradient flows only through the exit steps,
+the generator and critic optimisers stay apart, the DMD gradient is the formula, resume is exact, and
+the stage runs end to end into checkpoints that sample.py streams."""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import dmd
+import model as M
+import rollout
+import sample
+import teacher
+import trainer as T
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = M.get_config("toy-tiny")  # 6 frames of 32x32
+SHAPE = (CFG.in_dim, CFG.frames, CFG.height, CFG.width)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny ops: a second OpenMP thread only adds hand-offs (and stalls on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(seed):
+    torch.manual_seed(seed)
+    net = M.build(CFG)
+    torch.nn.init.normal_(net.head.head.weight, std=0.3)  # the zero-initialised head would make x0 = x_t
+    return net
+
+
+def student(stem, fpb, steps):
+    T.export(stem, tiny(fpb), {"kind": "student", "config": asdict(CFG), "frames_per_block": fpb,
+                               "steps_per_block": steps, "first_block_steps": None, "shift": CFG.shift})
+    return stem
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """A tiny base trained for one step by teacher.py, and random stage-2 students (frame- and chunk-wise)."""
+    tmp = tmp_path_factory.mktemp("ckpts")
+    teacher.main(["--model=toy-tiny", "--steps=1", "--batch_size=2", "--bf16=false", f"--out={tmp / 'run'}",
+                  f"--export={tmp / 'base'}"])
+    return dict(base=str(tmp / "base"), fw=student(str(tmp / "cd_fw"), 1, 4), cw=student(str(tmp / "ode_cw"), 3, 4))
+
+
+def batch(sched, seed=0, n=2):
+    return dmd.make_batch(dict(seed=seed, batch_size=n), 0, 0, SHAPE, sched, CFG.shift)
+
+
+@pytest.mark.parametrize("fpb,steps,first", [(1, 2, 4), (3, 4, None)])
+def test_training_rollout_is_the_sampler(fpb, steps, first):
+    gen = tiny(0)
+    meta = {"kind": "student", "frames_per_block": fpb, "steps_per_block": steps, "first_block_steps": first}
+    p = sample.plan(meta, sample.parse_args([]), CFG)
+    tokens = data.tokenize(["red circle", "blue square"])
+    video = sample.run(gen, tokens, p, seed=7, device=torch.device("cpu"))
+    sched = dmd.schedule(fpb, steps, CFG.shift)
+    assert sched["first_block_steps"] == first
+
+    def training(exits):  # the same noise as sample.run draws for seed 7
+        g = torch.Generator().manual_seed(7)
+        noise = torch.randn(len(tokens), *SHAPE, generator=g)
+        return dmd.self_forcing(gen, dict(tokens=tokens, noise=noise, fresh=g, exits=exits), sched)
+
+    assert torch.equal(training((steps - 1, (first or 1) - 1)), video)
+    # an earlier exit is the sampler with the step lists cut after the exit step
+    g = torch.Generator().manual_seed(7)
+    noise = torch.randn(len(tokens), *SHAPE, generator=g)
+    cut = rollout.generate(gen, tokens, noise, frames_per_block=fpb, steps=sched["steps"][:1],
+                           first_steps=sched["first"][:2] if first else None, generator=g)
+    assert torch.equal(training((0, 1)), cut)
+
+
+def test_only_the_exit_step_carries_gradient():
+    gen = tiny(1)
+    calls = []
+
+    def record(module, args, kwargs):  # every forward: (grad enabled, its t, writes the cache)
+        calls.append((torch.is_grad_enabled(), round(args[1].flatten()[0].item(), 3), kwargs.get("cache_write", False)))
+
+    gen.register_forward_pre_hook(record, with_kwargs=True)
+    sched = dmd.schedule(1, 2, CFG.shift)  # frame-wise 2-step; frame 0 on its 4-step list
+    b = batch(sched)
+    b["exits"] = (1, 2)
+    b["noise"].requires_grad_(True)
+    x = dmd.self_forcing(gen, b, sched)
+    first, rest = [round(t, 3) for t in sched["first"]], [round(t, 3) for t in sched["steps"]]
+    reencode = [(False, 0.0, True)]  # the finished block, at t = 0, without grad, written into the cache
+    expected = [(False, first[0], False), (False, first[1], False), (True, first[2], False)] + reencode
+    for block in range(1, 6):
+        expected += [(False, rest[0], False), (True, rest[1], False)] + (reencode if block < 5 else [])
+    assert calls == expected
+    x.square().sum().backward()
+    # the exit step's input was re-noised from a no-grad x0: the noise, the earlier steps and (through the
+    # cache) the earlier blocks are not even in the graph
+    assert b["noise"].grad is None
+    for name, p in gen.named_parameters():  # text path included: grad forwards recompute text K/V
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_gradient_reaches_only_its_own_block_when_exiting_at_step_0():
+    gen = tiny(2)
+    sched = dmd.schedule(3, 4, CFG.shift)
+    b = batch(sched)
+    b["exits"] = (0, 0)
+    b["noise"].requires_grad_(True)
+    x = dmd.self_forcing(gen, b, sched)
+    x[:, :, 3:].sum().backward()  # the second block depends on the first only through the detached cache
+    assert torch.count_nonzero(b["noise"].grad[:, :, :3]) == 0 and torch.count_nonzero(b["noise"].grad[:, :, 3:]) > 0
+    calls = []
+    gen.register_forward_pre_hook(lambda m, args: calls.append(torch.is_grad_enabled()))
+    with torch.no_grad():  # the critic's rollout: no forward carries gradient
+        dmd.self_forcing(gen, batch(sched), sched)
+    assert calls and not any(calls)
+
+
+def snapshot(net):
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def same(net, snap):
+    return all(torch.equal(v, snap[k]) for k, v in net.state_dict().items())
+
+
+def test_each_optimiser_moves_only_its_network_and_the_real_score_stays_frozen(ckpts):
+    cfg = {**dmd.DEFAULTS, "init": ckpts["fw"], "real": ckpts["base"], "steps_per_block": 2}
+    gen, real, critic, sched = dmd.networks(cfg, torch.device("cpu"))
+    assert not any(p.requires_grad for p in real.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(real.state_dict().values(), critic.state_dict().values()))
+    opt_g = torch.optim.AdamW(gen.parameters(), lr=1e-2, betas=(0.0, 0.999), weight_decay=0.01)
+    opt_c = torch.optim.AdamW(critic.parameters(), lr=1e-2, betas=(0.0, 0.999), weight_decay=0.01)
+    g0, c0, r0 = snapshot(gen), snapshot(critic), snapshot(real)
+
+    b = batch(sched)
+    loss, _ = dmd.dmd_loss(dmd.self_forcing(gen, b, sched), real, critic, b["tokens"], b["t"], b["eps"], 3.0)
+    T.optimizer_step(opt_g, loss, 1e-2, 10.0)
+    assert not same(gen, g0) and same(critic, c0) and same(real, r0)
+    assert all(p.grad is None for p in [*critic.parameters(), *real.parameters()])
+
+    g1 = snapshot(gen)
+    b = batch(sched, seed=1)
+    with torch.no_grad():
+        x = dmd.self_forcing(gen, b, sched)
+    T.optimizer_step(opt_c, dmd.critic_loss(critic, x, b["tokens"], b["t"], b["eps"]), 1e-2, 10.0)
+    assert not same(critic, c0) and same(gen, g1) and same(real, r0)
+
+
+def test_dmd_gradient_is_the_formula():
+    real, critic = tiny(3), tiny(4)
+    tokens = data.tokenize(["green triangle", "cyan square"])
+    torch.manual_seed(5)
+    x = torch.randn(2, *SHAPE, requires_grad=True)
+    eps = torch.randn(2, *SHAPE)
+    t = torch.tensor([300.0, 700.0])
+    loss, g = dmd.dmd_loss(x, real, critic, tokens, t, eps, 3.0)
+    loss.backward()
+    with torch.no_grad():  # by hand: x_t, both scores' x0, guidance x0_c + 3 (x0_c - x0_u), the normaliser
+        s = (t / 1000).view(2, 1, 1, 1, 1)
+        x_t = (1 - s) * x + s * eps
+        x0 = lambda net, words: x_t - s * net(x_t, t, net.encode_text(data.tokenize(words)))
+        c, u = x0(real, ["green triangle", "cyan square"]), x0(real, ["", ""])
+        x0_real = c + 3 * (c - u)
+        want = (x0(critic, ["green triangle", "cyan square"]) - x0_real)
+        want = want / (x - x0_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+    torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x.grad, want / x.numel(), rtol=1e-4, atol=1e-9)
+    assert loss.item() == pytest.approx(0.5 * want.square().mean().item(), rel=1e-4)
+
+
+def args(ckpts, out, *extra):
+    return [f"--init={ckpts['fw']}", f"--real={ckpts['base']}", "--steps_per_block=2", "--batch_size=2",
+            "--critic_updates=2", "--log_every=1", "--bf16=false", f"--out={out}", *extra]
+
+
+def test_resume_continues_the_same_trajectory(ckpts, tmp_path):
+    dmd.main(args(ckpts, tmp_path / "full", "--steps=4", "--ckpt_every=2"))
+    dmd.main(args(ckpts, tmp_path / "part", "--steps=2", "--ckpt_every=2"))  # "killed" after its checkpoint
+    dmd.main(args(ckpts, tmp_path / "part", "--steps=4", "--ckpt_every=2"))  # resumed
+    log = lambda run: [json.loads(line) for line in open(tmp_path / run / "log.jsonl")]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
+    assert strip(log("part")) == strip(log("full")) and len(log("full")) == 4
+    a, _ = T.load_checkpoint(str(tmp_path / "full" / "ckpt"))
+    b, meta = T.load_checkpoint(str(tmp_path / "part" / "ckpt"))
+    assert meta["step"] == 4 and a.keys() == b.keys()
+    assert {k.split(".")[0] for k in a} == {"generator", "critic", "ema_generator", "optim_generator", "optim_critic"}
+    for k in a:  # both networks, the EMA and both optimizer states continue exactly
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_take_the_same_steps_as_one(ckpts, tmp_path):
+    """Each process draws the global batch's noise (fresh re-noising included) and keeps its rows; the
+    generator's several grad-carrying forwards per backward all-reduce correctly under DDP."""
+    dmd.main(args(ckpts, tmp_path / "one", "--batch_size=4", "--steps=3"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29521",
+                        "dmd.py", *args(ckpts, tmp_path / "two", "--batch_size=4", "--steps=3")],
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, _ = T.load_checkpoint(str(tmp_path / "one" / "ckpt"))
+    b, _ = T.load_checkpoint(str(tmp_path / "two" / "ckpt"))
+    for k in a:
+        if not k.startswith("optim"):
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
+    log = lambda run: [json.loads(line) for line in open(tmp_path / run / "log.jsonl")]
+    for x, y in zip(log("one"), log("two")):
+        assert x["critic_loss"] == pytest.approx(y["critic_loss"], rel=1e-5, abs=1e-6)  # the log keeps 6 decimals
+        assert x["dmd_loss"] == pytest.approx(y["dmd_loss"], rel=1e-4, abs=1e-6)
+
+
+def test_students_export_and_stream(ckpts, tmp_path):
+    fw = str(tmp_path / "cfpp_framewise_2step")
+    dmd.main(args(ckpts, tmp_path / "fw", "--steps=2", f"--export={fw}", "--bf16=true"))
+    cw = str(tmp_path / "cf_chunkwise_4step")
+    dmd.main([f"--init={ckpts['cw']}", f"--real={ckpts['base']}", "--frames_per_block=3", "--steps_per_block=4",
+              "--batch_size=2", "--steps=1", f"--out={tmp_path / 'cw'}", f"--export={cw}"])
+    for stem, counts in ((fw, (1, 2, 4)), (cw, (3, 4, None))):
+        meta = json.load(open(stem + ".json"))
+        assert meta["kind"] == "student" and meta["shift"] == CFG.shift
+        assert (meta["frames_per_block"], meta["steps_per_block"], meta["first_block_steps"]) == counts
+        assert meta["log"] == stem.split("/")[-1] + ".log.jsonl" and open(stem + ".log.jsonl").readline()
+    shipped, _ = T.load_model(fw)
+    ema = T.load_checkpoint(str(tmp_path / "fw" / "ckpt"))[0]
+    for k, v in shipped.state_dict().items():  # the shipped weights are the EMA (stored in fp16)
+        assert torch.equal(v, ema["ema_generator." + k].half().float()), k
+    npy = tmp_path / "v.npy"
+    sample.main(["--ckpt", fw, "--out", str(tmp_path / "v.gif"), "--save-npy", str(npy)])
+    video = np.load(npy)
+    assert video.shape == (1, 6, 32, 32, 3) and video.dtype == np.uint8
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--critic_updates=0"], "--critic_updates must be positive"),
+    (["--frames_per_block=3"], "differs from the init's 1"),
+    (["--frames_per_block=4"], "must divide the 6 frames"),
+    (["--real={fw}"], "expected 'base'"),
+    (["--init={base}"], "expected 'student'"),
+    (["--init=nowhere/missing"], "not found"),
+    (["--lr=fast"], "--lr expects a float"),
+])
+def test_bad_options_exit_2_with_one_line(ckpts, tmp_path, capsys, extra, message):
+    extra = [e.format(**ckpts) for e in extra]
+    with pytest.raises(SystemExit) as stop:
+        dmd.main(args(ckpts, tmp_path / "bad", "--steps=1", *extra))
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and err.startswith("error: ") and message in err and "\n" not in err, err

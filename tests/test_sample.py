@@ -1,0 +1,219 @@
+"""The streaming sampler end to end from tiny checkpoints: files and shapes, streaming order, prompts
+files, the rolling window, --bench/--compare, image-to-video, and one-line exit-2 errors on bad input."""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch
+
+import data
+import model as M
+import rollout
+import sample
+import trainer as T
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = M.get_config("toy-tiny")  # 6 frames of 32x32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny ops: a second OpenMP thread only adds hand-offs (and stalls on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def export(stem, seed, **meta):
+    torch.manual_seed(seed)
+    net = M.build(CFG)
+    torch.nn.init.normal_(net.head.head.weight, std=0.3)  # random but not the zero head (x0 = x_t)
+    T.export(stem, net, {"config": asdict(CFG), "shift": CFG.shift, **meta})
+    return stem
+
+
+@pytest.fixture(scope="module")
+def ck(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ckpts")
+    return dict(
+        fw=export(str(tmp / "fw2"), 0, kind="student", frames_per_block=1, steps_per_block=2, first_block_steps=4),
+        cw=export(str(tmp / "cw4"), 1, kind="student", frames_per_block=3, steps_per_block=4, first_block_steps=None),
+        ar=export(str(tmp / "ar"), 2, kind="ar_teacher", frames_per_block=1),
+        base=export(str(tmp / "base"), 3, kind="base", frames_per_block=None),
+        dir=tmp)
+
+
+def test_streams_video_sheet_and_npy(ck, tmp_path, monkeypatch):
+    denoised, appended = [], []
+    real_denoise, real_append = rollout.denoise_block, sample.VideoWriter.append
+    monkeypatch.setattr(rollout, "denoise_block", lambda *a, **k: denoised.append(1) or real_denoise(*a, **k))
+    monkeypatch.setattr(sample.VideoWriter, "append",
+                        lambda self, v: appended.append((len(denoised), v.shape)) or real_append(self, v))
+    out, npy = tmp_path / "v.mp4", tmp_path / "v.npy"
+    sample.main(["--ckpt", ck["fw"] + ".safetensors", "--num-samples=2", f"--out={out}", f"--save-npy={npy}"])
+    # each frame reaches the file as soon as it exists, before the next one is denoised
+    assert appended == [(i + 1, (2, 1, 32, 32, 3)) for i in range(6)]
+    video = np.load(npy)
+    assert video.shape == (2, 6, 32, 32, 3) and video.dtype == np.uint8
+    assert open(str(npy) + ".prompts.txt").read().split("\n")[:2] == ["red circle", "red circle"]
+    frames = imageio.mimread(out)
+    assert len(frames) == 6 and frames[0].shape == (128, 272, 3)  # two 128-px videos side by side, width padded to 16
+    assert imageio.imread(tmp_path / "v.png").shape == (2 * 64 + 2, 6 * 64 + 5 * 2, 3)  # the contact sheet
+
+
+def test_frame_0_gets_its_own_four_steps(ck, monkeypatch):
+    lists = []
+    real_denoise = rollout.denoise_block
+    monkeypatch.setattr(rollout, "denoise_block",
+                        lambda m, x, ts, *a, **k: lists.append(len(ts)) or real_denoise(m, x, ts, *a, **k))
+    model, meta = sample.load(ck["fw"], torch.device("cpu"))
+    p = sample.plan(meta, sample.parse_args([]), model.cfg)
+    sample.run(model, data.tokenize(["red circle"]), p, 0, torch.device("cpu"))
+    assert lists == [4, 2, 2, 2, 2, 2]
+
+
+def test_prompts_file_and_chunkwise_gif(ck, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("cyan triangle\n\nyellow square\n")
+    npy = tmp_path / "p.npy"
+    sample.main(["--ckpt", ck["cw"], f"--prompts-file={prompts}", f"--out={tmp_path / 'p.gif'}", f"--save-npy={npy}"])
+    assert np.load(npy).shape == (2, 6, 32, 32, 3)
+    assert open(str(npy) + ".prompts.txt").read() == "cyan triangle\nyellow square\n"
+    assert len(imageio.mimread(tmp_path / "p.gif")) == 6
+
+
+def test_longer_than_trained_uses_the_rolling_window(ck, tmp_path, monkeypatch):
+    caches = []
+    real_cache = rollout.Cache.__init__
+    monkeypatch.setattr(rollout.Cache, "__init__", lambda self, *a: caches.append(a) or real_cache(self, *a))
+    for stem, frames in ((ck["fw"], 14), (ck["cw"], 12)):
+        npy = tmp_path / "long.npy"
+        sample.main(["--ckpt", stem, f"--num-frames={frames}", f"--out={tmp_path / 'long.png'}", f"--save-npy={npy}"])
+        assert np.load(npy).shape == (1, frames, 32, 32, 3)
+    assert [a[2:] for a in caches] == [(6, 1), (6, 1)]  # window = the trained 6 frames, one sink frame
+
+
+def test_window_as_wide_as_the_video_changes_nothing(ck):
+    model, meta = sample.load(ck["fw"], torch.device("cpu"))
+    tokens = data.tokenize(["red circle"])
+    videos = [sample.run(model, tokens, sample.plan(meta, sample.parse_args(extra), model.cfg), 3, torch.device("cpu"))
+              for extra in ([], ["--window=6", "--sink=0"])]
+    assert torch.equal(*videos)
+
+
+def test_teachers_still_sample(ck, tmp_path):
+    for stem in (ck["ar"], ck["base"]):
+        npy = tmp_path / "t.npy"
+        sample.main(["--ckpt", stem, "--steps=2", "--num-samples=2", f"--out={tmp_path / 't.gif'}", f"--save-npy={npy}"])
+        assert np.load(npy).shape == (2, 6, 32, 32, 3)
+
+
+def last_json(capsys):
+    out = capsys.readouterr().out.strip().split("\n")
+    return json.loads(out[-1])
+
+
+def test_bench_and_compare_print_json_last(ck, capsys):
+    sample.main(["--ckpt", ck["fw"], "--bench"])
+    result = last_json(capsys)
+    assert result["first_frame_latency_s"] > 0 and result["frames_per_s"] > 0 and "latency_ratio" not in result
+    sample.main(["--ckpt", ck["fw"], "--compare", f"--compare-ckpt={ck['cw']}.safetensors"])
+    result = last_json(capsys)
+    assert result["compare"]["checkpoint"] == "cw4" and result["compare"]["frames_per_block"] == 3
+    ratio = result["first_frame_latency_s"] / result["compare"]["first_frame_latency_s"]
+    assert result["latency_ratio"] == pytest.approx(ratio, rel=1e-2)
+
+
+def test_first_frame_is_cached_context(ck, tmp_path):
+    clip, _ = data.make_clip(5, frames=2, prompt="green circle")
+    videos = []
+    for i, frame in enumerate(clip):
+        png, npy = tmp_path / f"f{i}.png", tmp_path / f"i2v{i}.npy"
+        imageio.imwrite(png, frame)
+        sample.main(["--ckpt", ck["fw"], "--prompt=green circle", f"--first-frame={png}", f"--out={tmp_path / 'i.gif'}",
+                     f"--save-npy={npy}"])
+        videos.append(np.load(npy))
+        assert videos[-1].shape == (1, 6, 32, 32, 3) and np.array_equal(videos[-1][0, 0], frame)
+    assert not np.array_equal(videos[0][:, 1:], videos[1][:, 1:])  # the rest depends on the given frame
+
+
+@pytest.fixture(scope="module")
+def bad(ck):
+    d = ck["dir"]
+    (d / "corrupt.safetensors").write_bytes(os.urandom(300))
+    (d / "corrupt.json").write_text(open(ck["fw"] + ".json").read())
+    meta = json.load(open(ck["fw"] + ".json"))
+    variants = dict(other={**meta, "config": {**meta["config"], "dim": 64}},  # weights of another config
+                    foreign={"config": [1, 2], "kind": "student"}, nosteps={**meta, "steps_per_block": None},
+                    trainrun={**meta, "kind": "train_dmd"})
+    for name, m in variants.items():
+        (d / f"{name}.safetensors").write_bytes(open(ck["fw"] + ".safetensors", "rb").read())
+        (d / f"{name}.json").write_text(json.dumps(m))
+    latent = M.get_config("toy-tiny", in_dim=16, out_dim=16)
+    T.export(str(d / "latent"), M.build(latent), {**meta, "config": asdict(latent)})
+    imageio.imwrite(d / "small.png", np.zeros((16, 16, 3), np.uint8))
+    imageio.imwrite(d / "gray.png", np.zeros((32, 32), np.uint8))
+    imageio.imwrite(d / "clear.png", np.zeros((32, 32, 4), np.uint8))
+    imageio.imwrite(d / "ok.png", np.zeros((32, 32, 3), np.uint8))
+    (d / "text.png").write_text("not an image")
+    (d / "prompts.txt").write_text("red circle\npurple circle\n")
+    return d
+
+
+CASES = [
+    (["--prompt=purple circle"], "unknown colour 'purple'"),
+    (["--prompt=red"], "must be '<colour> <shape>'"),
+    (["--prompts-file={d}/prompts.txt"], "unknown colour 'purple'"),
+    (["--prompts-file={d}/none.txt"], "cannot be read"),
+    (["--ckpt={d}/missing"], "missing.safetensors not found"),
+    (["--ckpt={d}/corrupt"], "corrupt or not ours"),
+    (["--ckpt={d}/other"], "does not fit this code's model"),
+    (["--ckpt={d}/foreign"], "not a model checkpoint of this project"),
+    (["--ckpt={d}/nosteps"], "no steps_per_block"),
+    (["--ckpt={d}/trainrun"], "cannot be sampled"),
+    (["--ckpt={d}/latent"], "not a toy-world model"),
+    (["--num-frames=0"], "must be positive"),
+    (["--steps=-1"], "must be positive"),
+    (["--num-samples=0"], "--num-samples must be positive"),
+    (["--ckpt={d}/cw4", "--num-frames=7"], "not a multiple of --frames-per-block 3"),
+    (["--window=2", "--sink=2"], "must exceed --sink 2"),
+    (["--num-samples=two"], "invalid int value"),
+    (["--out=video.avi"], "must end in .mp4, .gif or .png"),
+    (["--first-frame={d}/none.png"], "not found"),
+    (["--first-frame={d}/small.png"], "is 16x16; the model's frames are 32x32"),
+    (["--first-frame={d}/gray.png"], "must be an 8-bit RGB image"),
+    (["--first-frame={d}/clear.png"], "transparent"),
+    (["--first-frame={d}/text.png"], "not a readable image"),
+    (["--first-frame={d}/ok.png", "--ckpt={d}/cw4"], "needs a frame-wise causal checkpoint"),
+    (["--first-frame={d}/ok.png", "--ckpt={d}/base"], "needs a frame-wise causal checkpoint"),
+    (["--compare", "--compare-ckpt={d}/missing"], "--compare needs the chunk-wise student"),
+]
+
+
+@pytest.mark.parametrize("extra,message", CASES, ids=[" ".join(c[0]) for c in CASES])
+def test_bad_input_exits_2_with_one_line(ck, bad, capsys, tmp_path, extra, message):
+    argv = [f"--ckpt={ck['fw']}", f"--out={tmp_path / 'x.gif'}"] + [e.format(d=bad) for e in extra]
+    with pytest.raises(SystemExit) as stop:
+        sample.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and err.startswith("error: ") and message in err and "\n" not in err, err
+
+
+def test_cli_without_arguments_uses_the_shipped_student(ck, bad, tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    for ext in (".safetensors", ".json"):
+        os.link(ck["fw"] + ext, tmp_path / "checkpoints" / ("cfpp_framewise_2step" + ext))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py")], cwd=tmp_path, capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "samples" / "sample.mp4").exists() and (tmp_path / "samples" / "sample.png").exists()
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"--ckpt={bad}/corrupt"], cwd=tmp_path,
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().split("\n")) == 1
