@@ -26,6 +26,8 @@ def velocity(model, x, t, ctx, guidance, **kw):
     """v with classifier-free guidance v_u + w (v_c - v_u); cond and uncond run as one batch."""
     if guidance <= 1:
         return model(x, t, ctx, **kw)
+    if kw.get("clean_x") is not None:  # teacher forcing: the unconditional half sees the same clean frames
+        kw = {**kw, "clean_x": torch.cat([kw["clean_x"], kw["clean_x"]])}
     cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), ctx, **kw).chunk(2)
     return M.guidance(uncond, cond, guidance)
 

@@ -13,7 +13,7 @@ EMA weights as STEM.safetensors + STEM.json at the end.
 """
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +94,7 @@ def main(argv):
         if cfg[key] <= 0:
             T.die(f"--{key} must be positive, got {cfg[key]}")
     cfg["shift"] = cfg["shift"] or mcfg.shift
+    mcfg = replace(mcfg, shift=cfg["shift"])  # the config carries the shift, so every sampler uses the trained one
     cfg["weighting"] = cfg["weighting"] or ("uniform" if cfg["stage"] == "base" else "bell")
     if cfg["weighting"] not in ("uniform", "bell"):
         T.die(f"--weighting must be uniform or bell, got {cfg['weighting']!r}")

@@ -125,7 +125,8 @@ class EMA:
 # checkpoints
 
 
-def _atomic(path, write):
+def atomic_write(path, write):
+    """write(tmp) then rename over `path`: readers never see a half-written file."""
     tmp = f"{path}.tmp{os.getpid()}"
     write(tmp)
     os.replace(tmp, path)
@@ -135,8 +136,8 @@ def save_checkpoint(stem, tensors, meta):
     """Atomically write STEM.safetensors and STEM.json (the JSON last: it marks the pair complete)."""
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic(stem + ".safetensors", lambda p: save_file(tensors, p))
-    _atomic(stem + ".json", lambda p: open(p, "w").write(json.dumps(meta, indent=1) + "\n"))
+    atomic_write(stem + ".safetensors", lambda p: save_file(tensors, p))
+    atomic_write(stem + ".json", lambda p: open(p, "w").write(json.dumps(meta, indent=1) + "\n"))
 
 
 def load_checkpoint(stem):
@@ -206,7 +207,7 @@ class Run:
             if os.path.exists(self.log_path):  # drop what a killed run logged after its last checkpoint
                 with open(self.log_path) as f:
                     kept = [line for line in f if line.strip() and json.loads(line)["step"] <= self.start]
-                _atomic(self.log_path, lambda p: open(p, "w").writelines(kept))
+                atomic_write(self.log_path, lambda p: open(p, "w").writelines(kept))
         self.t0 = time.time()
         self.bar = tqdm(total=total_steps, initial=self.start, disable=rank != 0, dynamic_ncols=True)
 

@@ -21,15 +21,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = M.get_config("toy-tiny")  # 6 frames of 32x32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops: a second OpenMP thread only adds hand-offs (and stalls on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def export(stem, seed, **meta):
     torch.manual_seed(seed)
     net = M.build(CFG)
