@@ -20,7 +20,6 @@ generator every `critic_updates`-th, so the fake score keeps up with G. The ship
 Data-free: only prompts. A run resumes from OUT/ckpt (G, critic, both optimizers and the EMA).
 """
 import os
-import shutil
 import sys
 from dataclasses import asdict
 
@@ -192,17 +191,10 @@ def main(argv):
         if (step + 1) % cfg["ckpt_every"] == 0 or step + 1 == cfg["steps"]:
             run.save(step + 1)
     run.close()
-    if rank == 0 and cfg["export"]:
-        counts = {k: sched[k] for k in ("frames_per_block", "steps_per_block", "first_block_steps")}
-        meta = {"kind": "student", "config": asdict(mcfg), **counts, "shift": mcfg.shift,
-                "init": os.path.basename(cfg["init"]), "real": os.path.basename(cfg["real"]),
-                "steps": cfg["steps"], "batch_size": cfg["batch_size"], "wall_s": round(run.elapsed(), 1),
-                "log": os.path.basename(cfg["export"]) + ".log.jsonl"}
-        shipped = M.build(mcfg)
-        ema.copy_to(shipped)
-        T.export(cfg["export"], shipped, meta)
-        if os.path.exists(run.log_path):  # the training curve ships beside the weights
-            shutil.copy(run.log_path, cfg["export"] + ".log.jsonl")
+    counts = {k: sched[k] for k in ("frames_per_block", "steps_per_block", "first_block_steps")}
+    run.ship(cfg["export"], ema, mcfg, {"kind": "student", **counts, "shift": mcfg.shift,
+                                        "init": os.path.basename(cfg["init"]), "real": os.path.basename(cfg["real"]),
+                                        "steps": cfg["steps"], "batch_size": cfg["batch_size"]})
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
