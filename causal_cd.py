@@ -4,6 +4,7 @@
     python causal_cd.py --method=ode                               # causal ODE (Causal Forcing), frame-wise
     python causal_cd.py --method=ode --frames_per_block=3          # the same, chunk-wise
     python causal_cd.py --method=bidir_ode --frames_per_block=3    # Self-Forcing-style: ODE pairs of the base
+    python causal_cd.py --teacher=checkpoints/world_ar_teacher_framewise  # the world model: actions come along
     torchrun --nproc_per_node=2 causal_cd.py --method=cd           # the same on N processes (DDP)
 
 Every method trains x̂0 = x_t - σ v of a student initialised from its teacher, with an MSE in x0 space:
@@ -73,36 +74,36 @@ STUDENT_STEPS = 4  # the shipped students sample on the 4-step list (and frame-w
 # the three forwards
 
 
-def guided_velocity(teacher, x, t, ctx, guidance, fpb, gt):
+def guided_velocity(teacher, x, t, ctx, guidance, fpb, gt, actions=None):
     """v_u + w (v_c - v_u) from one batched forward; teacher-forced on the GT frames when `gt` is given,
-    else the whole clip jointly (the bidirectional base)."""
+    else the whole clip jointly (the bidirectional base). `actions` [B, F]: a world model's."""
     if gt is None:
-        return rollout.velocity(teacher, x, t, ctx, guidance)
-    return rollout.velocity(teacher, x, t, ctx, guidance, frames_per_block=fpb, clean_x=gt)
+        return rollout.velocity(teacher, x, t, ctx, guidance, actions=actions)
+    return rollout.velocity(teacher, x, t, ctx, guidance, frames_per_block=fpb, clean_x=gt, actions=actions)
 
 
-def predict_x0(net, x_t, t, tokens, gt, fpb):
+def predict_x0(net, x_t, t, tokens, gt, fpb, actions=None):
     """The student's (or target's) x̂0, conditional only: teacher-forced on the GT frames when `gt` is given,
     else block-causal over its own noisy blocks (the bidir_ode student, which never sees GT)."""
     ctx = T.unwrap(net).encode_text(tokens)
     kw = dict(frames_per_block=fpb) if gt is None else dict(frames_per_block=fpb, clean_x=gt)
-    return M.x0_from_v(x_t, net(x_t, t, ctx, **kw), t)
+    return M.x0_from_v(x_t, net(x_t, t, ctx, actions=actions, **kw), t)
 
 
 @torch.no_grad()
 def cd_target(teacher, target, b, guidance, fpb):
     """One guided Euler step of the teacher from t_k to t_{k+1}, then the EMA target's x̂0 at t_{k+1} on the
     same GT context: adjacent grid points must agree, so the student learns the teacher's flow map."""
-    ctx = rollout.contexts(teacher, b["tokens"], guidance)
-    x_next = M.euler_step(b["x_t"], guided_velocity(teacher, b["x_t"], b["t"], ctx, guidance, fpb, b["gt"]),
+    ctx, a = rollout.contexts(teacher, b["tokens"], guidance), b.get("actions")
+    x_next = M.euler_step(b["x_t"], guided_velocity(teacher, b["x_t"], b["t"], ctx, guidance, fpb, b["gt"], a),
                           b["t"], b["t_next"])
-    return predict_x0(target, x_next, b["t_next"], b["tokens"], b["gt"], fpb)
+    return predict_x0(target, x_next, b["t_next"], b["tokens"], b["gt"], fpb, a)
 
 
 def loss_fn(net, b, cfg, teacher=None, target=None):
     """MSE between the student's x̂0 and its target: the CD target (cd) or the stored ODE end."""
     fpb = cfg["frames_per_block"]
-    pred = predict_x0(net, b["x_t"], b["t"], b["tokens"], b.get("gt"), fpb)
+    pred = predict_x0(net, b["x_t"], b["t"], b["tokens"], b.get("gt"), fpb, b.get("actions"))
     goal = cd_target(teacher, target, b, cfg["guidance"], fpb) if cfg["method"] == "cd" else b["target"]
     return F.mse_loss(pred.float(), goal.float())
 
@@ -198,17 +199,20 @@ def generate(store, teacher, cfg, shift, frames, rank, world, device):
 # batches, cost, the run
 
 
-def make_batch(cfg, step, local, frames, grid, store):
+def make_batch(cfg, step, local, frames, grid, store, actions=False):
     """This rank's share of the step's global batch, drawn from (seed, step): x_t, t [B, F], tokens, the GT
-    context `gt` (not for bidir_ode) and t_next (cd) or the stored ODE end `target`."""
+    context `gt` (not for bidir_ode) and t_next (cd) or the stored ODE end `target`; with `actions` (the
+    world model, cd only) the clips' actions too."""
     g = T.step_generator(cfg["seed"], step)
     B = cfg["batch_size"]
     if cfg["method"] == "cd":  # fresh GT clips; one grid index k < 47 per clip, shared by its frames
-        clips = next(data.ClipStream(B, cfg["seed"], frames=frames, start_batch=step))
+        clips = next(data.ClipStream(B, cfg["seed"], frames=frames, actions=actions, start_batch=step))
         gt = clips["video"]
         k = torch.randint(0, GRID - 1, (B,), generator=g)[:, None].expand(B, frames)
         x_t = M.add_noise(gt, torch.randn(gt.shape, generator=g), grid[k])
         b = dict(x_t=x_t, t=grid[k], t_next=grid[k + 1], tokens=clips["tokens"], gt=gt)
+        if actions:
+            b["actions"] = clips["actions"]
         return {key: value[local] for key, value in b.items()}
     idx = torch.randint(0, cfg["clips"], (B,), generator=g)[local]
     blocks = 1 if cfg["method"] == "ode" else frames // cfg["frames_per_block"]  # ode: one snapshot per clip
@@ -281,6 +285,11 @@ def main(argv):
     local = T.local_slice(cfg["batch_size"], rank, world)
     source, smeta, stem = load_source(cfg, device)
     mcfg, shift, frames = source.cfg, smeta.get("shift", source.cfg.shift), source.cfg.frames
+    actions = mcfg.num_actions > 0  # a world-model teacher: its clips come with their actions
+    if actions and cfg["method"] != "cd":
+        T.die(f"{stem} is an action world model; it distils by causal CD (--method=cd) only")
+    if actions and not cfg["out"]:  # never resume a text-to-video run into a world model
+        out += "_world"
     store = None
     if cfg["method"] != "cd":
         settings = {k: cfg[k] for k in ("method", "frames_per_block", "guidance", "seed", "batch_size", "clips")}
@@ -306,7 +315,7 @@ def main(argv):
 
     net.train()
     for step in range(run.start, cfg["steps"]):
-        b = {k: v.to(device) for k, v in make_batch(cfg, step, local, frames, grid, store).items()}
+        b = {k: v.to(device) for k, v in make_batch(cfg, step, local, frames, grid, store, actions).items()}
         with T.autocast(device, cfg["bf16"]):
             loss = loss_fn(ddp, b, cfg, teacher, target)
         value = run.check(loss, step)

@@ -17,7 +17,8 @@ the base and is trained by flow matching on G's rollouts). Their difference move
 base would draw: g = (x0_fake - x0_real) / mean|x - x0_real|, applied through the loss
 1/2 |x - sg(x - g)|^2, whose gradient with respect to x is g. The critic steps every iteration, the
 generator every `critic_updates`-th, so the fake score keeps up with G. The shipped weights are G's EMA.
-Data-free: only prompts. A run resumes from OUT/ckpt (G, critic, both optimizers and the EMA).
+Data-free: only prompts (and, for an action world model, random sticky action sequences that G, the
+real score and the critic all see). A run resumes from OUT/ckpt (G, critic, both optimizers and the EMA).
 """
 import os
 import sys
@@ -63,10 +64,10 @@ def schedule(fpb, steps, shift):
                 steps=M.timesteps(steps, shift).tolist(), first=M.timesteps(first, shift).tolist() if first else None)
 
 
-def make_batch(cfg, step, stream, shape, sched, shift):
+def make_batch(cfg, step, stream, shape, sched, shift, actions=False):
     """One update's randomness over the global batch, from (seed, step, stream): prompts, rollout noise,
     the exit steps (shared by all blocks; frame 0's own on its list), DMD/critic t and noise, and the
-    generator of the rollout's fresh re-noising draws."""
+    generator of the rollout's fresh re-noising draws; with `actions`, sticky action sequences of the world."""
     g = T.step_generator(cfg["seed"], step, stream)
     B = cfg["batch_size"]
     prompts = [data.PROMPTS[i] for i in torch.randint(len(data.PROMPTS), (B,), generator=g)]
@@ -76,39 +77,43 @@ def make_batch(cfg, step, stream, shape, sched, shift):
              torch.randint(n_first, (), generator=g).item())
     t = M.sample_t((B,), shift, g).clamp(20, 980)  # one t per video, the same for all its frames
     eps = torch.randn((B, *shape), generator=g)
-    return dict(tokens=data.tokenize(prompts), noise=noise, exits=exits, t=t, eps=eps,
-                fresh=T.step_generator(cfg["seed"], step, stream + 2))
+    b = dict(tokens=data.tokenize(prompts), noise=noise, exits=exits, t=t, eps=eps,
+             fresh=T.step_generator(cfg["seed"], step, stream + 2))
+    if actions:
+        b["actions"] = data.action_ids([data.action_path((cfg["seed"], step, stream, i, data.TRAIN), shape[1])[4]
+                                        for i in range(B)])
+    return b
 
 
 def self_forcing(gen, b, sched, rows=None):
     """G's rollout, the sampler's loop stopped at the exit steps (with grad there if grad is enabled)."""
     return rollout.generate(gen, b["tokens"], b["noise"], frames_per_block=sched["frames_per_block"],
                             steps=sched["steps"], first_steps=sched["first"], generator=b["fresh"],
-                            exit_steps=b["exits"], rows=rows)
+                            exit_steps=b["exits"], rows=rows, actions=b.get("actions"))
 
 
-def real_x0(real, x_t, t, tokens, scale):
+def real_x0(real, x_t, t, tokens, scale, actions=None):
     """The real score's x0 with guidance in the DMD form x0_c + s (x0_c - x0_u). x0 is affine in v, so this
     is the standard guidance v_u + (1 + s)(v_c - v_u) turned into x0."""
-    v = rollout.velocity(real, x_t, t, rollout.contexts(real, tokens, 1 + scale), 1 + scale)
+    v = rollout.velocity(real, x_t, t, rollout.contexts(real, tokens, 1 + scale), 1 + scale, actions=actions)
     return M.x0_from_v(x_t, v, t)
 
 
-def dmd_loss(x, real, critic, tokens, t, eps, scale):
+def dmd_loss(x, real, critic, tokens, t, eps, scale, actions=None):
     """-> (loss, g): 1/2 |x - sg(x - g)|^2 (mean), whose gradient with respect to x is g / x.numel()."""
     with torch.no_grad():
         x_t = M.add_noise(x, eps, t)
-        x0_fake = M.x0_from_v(x_t, critic(x_t, t, critic.encode_text(tokens)), t)
-        x0_real = real_x0(real, x_t, t, tokens, scale)
+        x0_fake = M.x0_from_v(x_t, critic(x_t, t, critic.encode_text(tokens), actions=actions), t)
+        x0_real = real_x0(real, x_t, t, tokens, scale, actions)
         g = (x0_fake - x0_real) / (x - x0_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)  # per video
         g = torch.nan_to_num(g)
     return 0.5 * F.mse_loss(x, (x - g).detach()), g
 
 
-def critic_loss(critic, x, tokens, t, eps):
+def critic_loss(critic, x, tokens, t, eps, actions=None):
     """Flow matching on G's samples: the critic learns the score of what G draws now."""
     x_t = M.add_noise(x, eps, t)
-    return F.mse_loss(critic(x_t, t, T.unwrap(critic).encode_text(tokens)), eps - x)
+    return F.mse_loss(critic(x_t, t, T.unwrap(critic).encode_text(tokens), actions=actions), eps - x)
 
 
 def load(stem, kind, device):
@@ -127,6 +132,8 @@ def networks(cfg, device):
     geometry = lambda m: (m.in_dim, m.frames, m.height, m.width, m.patch_size)
     if geometry(real.cfg) != geometry(c):
         T.die(f"--real {cfg['real']} draws other videos than --init {cfg['init']} (channels, frames or size)")
+    if real.cfg.num_actions != c.num_actions:
+        T.die(f"--real {cfg['real']} and --init {cfg['init']} must both be action world models, or neither")
     fpb = cfg["frames_per_block"] or meta.get("frames_per_block")
     if not fpb or fpb <= 0 or c.frames % fpb:
         T.die(f"--frames_per_block must divide the {c.frames} frames, got {fpb}")
@@ -166,7 +173,7 @@ def main(argv):
     shape = (mcfg.in_dim, mcfg.frames, mcfg.height, mcfg.width)
 
     def batch(step, stream):  # this process's rows of the update's global batch
-        b = make_batch(cfg, step, stream, shape, sched, mcfg.shift)
+        b = make_batch(cfg, step, stream, shape, sched, mcfg.shift, mcfg.num_actions > 0)
         return {k: (v[local].to(device) if torch.is_tensor(v) and v.ndim else v) for k, v in b.items()}
 
     last = {}
@@ -175,7 +182,8 @@ def main(argv):
             b = batch(step, 0)
             with T.autocast(device, cfg["bf16"]):
                 x = self_forcing(gen_ddp, b, sched, rows)
-                loss, _ = dmd_loss(x, real, critic, b["tokens"], b["t"], b["eps"], cfg["real_guidance"])
+                loss, _ = dmd_loss(x, real, critic, b["tokens"], b["t"], b["eps"], cfg["real_guidance"],
+                                   b.get("actions"))
             last = dict(dmd_loss=run.check(loss, step),  # = mean g^2 / 2
                         gen_grad_norm=T.optimizer_step(opt_g, loss, cfg["lr"], cfg["grad_clip"]))
             n = step // cfg["critic_updates"]
@@ -184,7 +192,7 @@ def main(argv):
         with T.autocast(device, cfg["bf16"]):
             with torch.no_grad():
                 x = self_forcing(gen, b, sched, rows)
-            loss = critic_loss(critic_ddp, x, b["tokens"], b["t"], b["eps"])
+            loss = critic_loss(critic_ddp, x, b["tokens"], b["t"], b["eps"], b.get("actions"))
         value = run.check(loss, step)
         grad_norm = T.optimizer_step(opt_c, loss, cfg["critic_lr"], cfg["grad_clip"])
         run.log(step + 1, critic_loss=value, critic_grad_norm=grad_norm, **last)

@@ -8,6 +8,7 @@ One module, every attention mode, one code path:
 The parameter names and shapes are the official ones (wan/modules/model.py), so the released
 `diffusion_pytorch_model.safetensors` loads with strict=True; the diffusers naming goes through one table.
 Shapes: x [B, C, F, H, W]; t [B] or [B, F] in [0, 1000]; context [B, L, text_dim]; returns v = eps - x0.
+A world model (cfg.num_actions > 0) also takes actions [B, F], one action id per frame.
 """
 import json
 import math
@@ -40,6 +41,7 @@ class Config:
     patch_size: tuple = (1, 2, 2)
     eps: float = 1e-6
     vocab_size: int = 0  # > 0: a learned token embedding stands in for umT5 (toy world only)
+    num_actions: int = 0  # > 0: one action id per frame conditions the model (the toy world model)
     shift: float = 5.0  # timestep shift of the flow-matching schedule used with this model
     frames: int = 21  # trained length (latent frames) and frame size the model is used at
     height: int = 60
@@ -353,6 +355,9 @@ class CausalWanModel(nn.Module):
         self.head = Head(cfg)
         if cfg.vocab_size:
             self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_dim)
+        if cfg.num_actions:  # only here: the official keys stay exactly Wan's
+            self.action_embedding = nn.Embedding(cfg.num_actions, d)
+            self.action_projection = nn.Linear(d, d)
         self.init_weights()
 
     def init_weights(self):
@@ -369,6 +374,9 @@ class CausalWanModel(nn.Module):
         nn.init.zeros_(self.head.head.weight)
         if self.cfg.vocab_size:
             nn.init.normal_(self.token_embedding.weight, std=1.0)
+        if self.cfg.num_actions:  # zero projection: a fresh action path leaves the model it joins unchanged
+            nn.init.normal_(self.action_embedding.weight, std=1.0)
+            nn.init.zeros_(self.action_projection.weight)
 
     def encode_text(self, tokens):
         """Toy stand-in for umT5: token ids [B, L] -> embeddings [B, L, text_dim]; id 0 (pad) encodes as
@@ -378,9 +386,16 @@ class CausalWanModel(nn.Module):
     def new_cache(self, max_frames=None, window=None, sink=0):
         return KVCache(self.cfg.num_layers, max_frames or self.cfg.frames, window, sink)
 
-    def forward(self, x, t, context, *, frames_per_block=None, clean_x=None, kv_cache=None, cache_write=False):
+    def forward(self, x, t, context, *, frames_per_block=None, clean_x=None, kv_cache=None, cache_write=False,
+                actions=None):
+        """actions [B, F]: the action id of each frame of x, for a model with cfg.num_actions > 0."""
         cfg = self.cfg
         B, _, n_frames = x.shape[:3]
+        if (actions is None) != (cfg.num_actions == 0):
+            raise ValueError("an action model needs actions=[B, F]" if actions is None
+                             else "this model takes no actions (num_actions = 0)")
+        if actions is not None and tuple(actions.shape) != (B, n_frames):
+            raise ValueError(f"actions must be [B, F] = [{B}, {n_frames}], got {list(actions.shape)}")
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
         t = t.expand(B) if t.ndim == 0 else t
         t = t[:, None].expand(B, n_frames) if t.ndim == 1 else t  # per-frame timesteps [B, F]
@@ -405,6 +420,9 @@ class CausalWanModel(nn.Module):
         rope = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
 
         e = self.time_embedding(sinusoid(cfg.freq_dim, t.flatten())).unflatten(0, t.shape)  # [B, F', D]
+        if actions is not None:  # joins the frame's timestep embedding: it steers every adaLN and the head
+            actions = actions.repeat(1, 2) if clean_x is not None else actions  # the clean half: the same actions
+            e = e + self.action_projection(self.action_embedding(actions.to(x.device)))
         e0 = self.time_projection(e).unflatten(2, (6, cfg.dim))  # [B, F', 6, D]
         if context.shape[1] < cfg.text_len:  # the official model zero-pads the text to text_len, unmasked
             context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))

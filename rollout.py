@@ -17,8 +17,10 @@ import model as M
 
 
 def contexts(model, tokens, guidance):
-    """Text context [B, L, D]; with guidance > 1 the unconditional (empty prompt) half is appended."""
-    ctx = model.encode_text(tokens)
+    """Text context [B, L, D] from the toy's prompt tokens; a model without a token embedding (Wan) takes
+    its text encoder's output [B, L, text_dim] in their place. With guidance > 1 the unconditional
+    (empty prompt) half is appended."""
+    ctx = model.encode_text(tokens) if model.cfg.vocab_size else tokens
     return torch.cat([ctx, torch.zeros_like(ctx)]) if guidance > 1 else ctx
 
 
@@ -26,22 +28,23 @@ def velocity(model, x, t, ctx, guidance, **kw):
     """v with classifier-free guidance v_u + w (v_c - v_u); cond and uncond run as one batch."""
     if guidance <= 1:
         return model(x, t, ctx, **kw)
-    if kw.get("clean_x") is not None:  # teacher forcing: the unconditional half sees the same clean frames
-        kw = {**kw, "clean_x": torch.cat([kw["clean_x"], kw["clean_x"]])}
+    for key in ("clean_x", "actions"):  # guidance is over text only: both halves see the same frames and actions
+        if kw.get(key) is not None:
+            kw = {**kw, key: torch.cat([kw[key], kw[key]])}
     cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), ctx, **kw).chunk(2)
     return M.guidance(uncond, cond, guidance)
 
 
 @torch.no_grad()
-def sample_bidirectional(model, tokens, noise, steps=48, guidance=3.0, shift=None):
-    """All frames at once: Euler along the shifted grid from t = 1000 to 0."""
+def sample_bidirectional(model, tokens, noise, steps=48, guidance=3.0, shift=None, actions=None):
+    """All frames at once: Euler along the shifted grid from t = 1000 to 0 (actions [B, F]: a world model's)."""
     shift = shift or model.cfg.shift
     ctx = contexts(model, tokens, guidance)
     grid = torch.cat([M.timesteps(steps, shift), torch.zeros(1)]).tolist()
     x = noise
     B = x.shape[0]
     for t, t_next in zip(grid[:-1], grid[1:]):
-        v = velocity(model, x, torch.full((B,), t, device=x.device), ctx, guidance)
+        v = velocity(model, x, torch.full((B,), t, device=x.device), ctx, guidance, actions=actions)
         x = M.euler_step(x, v, t, t_next)
     return x
 
@@ -70,8 +73,19 @@ class Cache(M.KVCache):
         self._text = value
 
 
+def commit(model, x0, ctx, cache, actions=None):
+    """Write a finished block's clean keys/values into the cache at t = 0; history carries no gradient.
+    ctx may hold the unconditional half too (guidance): the block is then written for both."""
+    width = ctx.shape[0] // x0.shape[0]
+    with torch.no_grad():
+        zero = torch.zeros(x0.shape[0] * width, x0.shape[2], device=x0.device)
+        model(x0.detach().repeat(width, 1, 1, 1, 1), zero, ctx, kv_cache=cache, cache_write=True,
+              actions=None if actions is None else actions.repeat(width, 1))
+
+
 def stream(model, tokens, noise, frames_per_block, steps, solver="consistency", first_steps=None,
-           guidance=1.0, window=None, sink=0, generator=None, context=None, exit_steps=None, rows=None):
+           guidance=1.0, window=None, sink=0, generator=None, context=None, exit_steps=None, rows=None,
+           actions=None):
     """Yield the generated video block by block ([B, C, frames_per_block, H, W] each) as it is produced.
 
     steps: the block's timestep list (e.g. model.timesteps(2, shift)); `first_steps` overrides it for
@@ -83,59 +97,60 @@ def stream(model, tokens, noise, frames_per_block, steps, solver="consistency", 
       runs with grad (when the caller has grad enabled) and its x0 is the block. Without it, no grad.
     rows=(slice, global batch): a process's share of a global batch under DDP. Fresh noise is drawn for
       the whole batch and sliced, so N processes roll out exactly what one process would.
+    actions [B, F]: a world model's action id per frame of the whole video, the `context` frames first.
     A block is yielded before it is re-encoded into the cache: a consumer sees it as soon as it exists.
     """
     if exit_steps is not None and solver != "consistency":
         raise ValueError("exit steps belong to the consistency solver of the few-step students")
     net = getattr(model, "module", model)  # in training the generator may be DDP-wrapped; call the wrapper
-    B, _, n_frames = noise.shape[:3]
+    n_frames = noise.shape[2]
     if n_frames % frames_per_block:
         raise ValueError(f"{n_frames} frames are not a whole number of {frames_per_block}-frame blocks")
     grad = exit_steps is not None and torch.is_grad_enabled()
-    width = 2 if guidance > 1 else 1
 
     def fresh(like):  # re-noising draws (see `rows`)
         shape = like.shape if rows is None else (rows[1], *like.shape[1:])
         eps = torch.randn(shape, generator=generator, dtype=like.dtype)
         return (eps if rows is None else eps[rows[0]]).to(like.device)
 
-    def encode(x0):  # the block's clean keys/values, written at t = 0; history carries no gradient
-        with torch.no_grad():
-            zero = torch.zeros(B * width, x0.shape[2], device=x0.device)
-            model(x0.detach().repeat(width, 1, 1, 1, 1), zero, ctx, kv_cache=cache, cache_write=True)
+    def acts(start, n):  # the actions of frames [start, start + n) of the whole video
+        return None if actions is None else actions[:, start:start + n]
 
     with torch.set_grad_enabled(grad):
         ctx = contexts(net, tokens, guidance)
     given = 0 if context is None else context.shape[2]
     cache = Cache(net.cfg.num_layers, max(given + n_frames, net.cfg.frames), window, sink)
     if context is not None:
-        encode(context)
+        commit(model, context, ctx, cache, acts(0, given))
     for start in range(0, n_frames, frames_per_block):
         first = start == 0 and context is None and first_steps is not None
         ts = list(first_steps if first else steps)
         j = None if exit_steps is None else exit_steps[1 if first else 0]
         x = noise[:, :, start:start + frames_per_block]
-        x0 = denoise_block(model, x, ts, ctx, cache, solver, guidance, fresh, j, grad)
+        a = acts(given + start, frames_per_block)
+        x0 = denoise_block(model, x, ts, ctx, cache, solver, guidance, fresh, j, grad, a)
         yield x0
         if start + frames_per_block < n_frames:  # the last block is never attended to
-            encode(x0)
+            commit(model, x0, ctx, cache, a)
 
 
-def denoise_block(model, x, ts, ctx, cache, solver, guidance, fresh, exit_step=None, grad=False):
+def denoise_block(model, x, ts, ctx, cache, solver, guidance, fresh, exit_step=None, grad=False, actions=None):
     """One block from noise to x0 over the step list `ts`; stops after `exit_step` when given, and only
-    that step's forward may carry gradient. `fresh(x)` draws the re-noising noise."""
+    that step's forward may carry gradient. `fresh(x)` draws the re-noising noise; `actions` [B, n] are
+    the block's (world model)."""
     B, n = x.shape[0], x.shape[2]
     if solver == "euler":
         with torch.no_grad():
             for t, t_next in zip(ts, ts[1:] + [0.0]):
-                v = velocity(model, x, torch.full((B, n), t, device=x.device), ctx, guidance, kv_cache=cache)
+                v = velocity(model, x, torch.full((B, n), t, device=x.device), ctx, guidance, kv_cache=cache,
+                             actions=actions)
                 x = M.euler_step(x, v, t, t_next)
         return x
     last = len(ts) - 1 if exit_step is None else exit_step
     for i, t in enumerate(ts[:last + 1]):
         t_now = torch.full((B, n), t, device=x.device)
         with torch.set_grad_enabled(grad and i == last):
-            x0 = M.x0_from_v(x, velocity(model, x, t_now, ctx, guidance, kv_cache=cache), t_now)
+            x0 = M.x0_from_v(x, velocity(model, x, t_now, ctx, guidance, kv_cache=cache, actions=actions), t_now)
         if i < last:  # re-noise with fresh noise, not an ODE step
             x = M.add_noise(x0, fresh(x), torch.full((B, n), ts[i + 1], device=x.device))
     return x0

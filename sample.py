@@ -5,6 +5,7 @@
     python sample.py --ckpt checkpoints/ar_teacher_framewise.safetensors --save-npy teacher.npy
     python sample.py --num-frames 48                   # past the trained length: rolling KV window
     python sample.py --first-frame start.png           # image-to-video: frame 0 is given, the rest streams
+    python sample.py --ckpt checkpoints/world_framewise --actions "none,right*4,up*4,none*3"   # the world model
     python sample.py --bench --compare                 # last line: JSON with latency, frames/s and the ratio
 
 kinds: `base` (bidirectional, all frames jointly, Euler + guidance), `ar_teacher` (block by block with
@@ -38,6 +39,11 @@ def parse_args(argv):
     p.error = lambda message: T.die(f"{message} (see --help)")  # one line, exit 2, like every bad input
     p.add_argument("--ckpt", help="NAME.safetensors (+ NAME.json); default: the first shipped of "
                    + ", ".join(DEFAULT_CKPTS))
+    p.add_argument("--model", default="toy", choices=["toy"] + [n for n in M.PRESETS if n.startswith("wan")],
+                   help="toy (the shipped checkpoints), or a Wan preset: sample a converted Wan-scale student "
+                   "(--ckpt, see wan.py) with the umT5 and VAE of --wan-dir; --num-frames then counts latent "
+                   "frames (21 -> 81 video frames)")
+    p.add_argument("--wan-dir", help="the Wan2.1-T2V-1.3B-Diffusers folder (tokenizer/, text_encoder/, vae/)")
     p.add_argument("--prompt", default="red circle", help='"<colour> <shape>", e.g. "cyan triangle"')
     p.add_argument("--prompts-file", help="one prompt per line, one video each (overrides --prompt)")
     p.add_argument("--num-samples", type=int, default=1, help="videos per prompt")
@@ -51,8 +57,11 @@ def parse_args(argv):
     p.add_argument("--sink", type=int, default=1, help="sink frames kept in the rolling window")
     p.add_argument("--first-frame", metavar="PATH.png", help="image-to-video: this RGB frame (the model's "
                    "size, 32x32) is written into the cache at t = 0 as frame 0 and the rest is generated")
+    p.add_argument("--actions", help='a world model\'s action per frame, NAME or NAME*COUNT, comma-separated, '
+                   'exactly --num-frames of them, e.g. "none,right*4,up*4,none*3" (the first is ignored: frame 0 '
+                   "is the start); names: " + ", ".join(data.ACTIONS))
     p.add_argument("--out", default="samples/sample.mp4", help=".mp4, .gif or .png")
-    p.add_argument("--save-npy", help="also write uint8 [N, T, H, W, 3] (and PATH.prompts.txt)")
+    p.add_argument("--save-npy", help="also write uint8 [N, T, H, W, 3] (and PATH.prompts.txt, PATH.actions.txt)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bench", action="store_true", help="time first-frame latency and frames/s; JSON last line")
     p.add_argument("--compare", action="store_true", help="--bench, and also time the chunk-wise 4-step "
@@ -86,7 +95,8 @@ def load(stem, device):
     return model, meta
 
 
-def read_prompts(a):
+def prompt_list(a):
+    """--prompt or --prompts-file, each repeated --num-samples times."""
     if a.num_samples <= 0:
         T.die(f"--num-samples must be positive, got {a.num_samples}")
     if a.prompts_file:
@@ -99,11 +109,40 @@ def read_prompts(a):
             T.die(f"--prompts-file {a.prompts_file} holds no prompt")
     else:
         prompts = [a.prompt]
-    prompts = [p for p in prompts for _ in range(a.num_samples)]
+    return [p for p in prompts for _ in range(a.num_samples)]
+
+
+def read_prompts(a):
+    prompts = prompt_list(a)
     try:
         return prompts, data.tokenize(prompts)
     except ValueError as e:
         T.die(str(e))
+
+
+def parse_actions(text, n_frames):
+    """--actions "none,right*4" -> one action name per frame, exactly n_frames of them."""
+    names = []
+    for item in text.split(","):
+        name, star, times = (u.strip() for u in item.partition("*"))
+        if name not in data.ACTIONS:
+            T.die(f"--actions: unknown action {name!r} in {item.strip()!r}; actions: {', '.join(data.ACTIONS)}")
+        if star and not (times.isdigit() and int(times) > 0):
+            T.die(f"--actions: {item.strip()!r} needs a positive whole count after '*'")
+        names += [name] * (int(times) if star else 1)
+    if len(names) != n_frames:
+        T.die(f"--actions gives {len(names)} actions for {n_frames} frames; give exactly one per frame")
+    return names
+
+
+def read_actions(a, cfg, p, n_videos):
+    """The world model's actions [N, T] (the same for every video), or None for a text-to-video model."""
+    if bool(cfg.num_actions) != (a.actions is not None):
+        T.die("this checkpoint is an action world model: pass --actions" if cfg.num_actions
+              else "--actions needs an action world model checkpoint (e.g. checkpoints/world_framewise)")
+    if a.actions is None:
+        return None
+    return data.action_ids(parse_actions(a.actions, p["frames"]))[None].expand(n_videos, -1)
 
 
 def read_frame(path, cfg):
@@ -166,16 +205,17 @@ def plan(meta, a, cfg):
                 solver="consistency", guidance=guidance, window=window, sink=a.sink if window else 0)
 
 
-def blocks(model, tokens, p, seed, device, first_frame=None):
+def blocks(model, tokens, p, seed, device, first_frame=None, actions=None):
     """Yield the video [N, 3, k, H, W] in [-1, 1] as it is produced: the given first frame (if any), then
-    block by block (the bidirectional base: all frames at once)."""
+    block by block (the bidirectional base: all frames at once). actions [N, T]: a world model's."""
     cfg = model.cfg
     g = torch.Generator().manual_seed(seed)
     given = 0 if first_frame is None else 1
     noise = torch.randn(len(tokens), cfg.in_dim, p["frames"] - given, cfg.height, cfg.width, generator=g).to(device)
     tokens = tokens.to(device)
+    actions = None if actions is None else actions.to(device)
     if p["kind"] == "base":
-        yield rollout.sample_bidirectional(model, tokens, noise, p["steps"], p["guidance"])
+        yield rollout.sample_bidirectional(model, tokens, noise, p["steps"], p["guidance"], actions=actions)
         return
     context = None
     if first_frame is not None:
@@ -184,25 +224,26 @@ def blocks(model, tokens, p, seed, device, first_frame=None):
     steps = M.timesteps(p["steps"], cfg.shift).tolist()
     first = M.timesteps(p["first"], cfg.shift).tolist() if p["first"] else None
     yield from rollout.stream(model, tokens, noise, p["fpb"], steps, p["solver"], first, p["guidance"],
-                              window=p["window"], sink=p["sink"], generator=g, context=context)
+                              window=p["window"], sink=p["sink"], generator=g, context=context, actions=actions)
 
 
-def run(model, tokens, p, seed, device, on_block=None, first_frame=None):
+def run(model, tokens, p, seed, device, on_block=None, first_frame=None, actions=None):
     """Generate; returns the video [N, 3, T, H, W] in [-1, 1]. `on_block(i)` is called as blocks finish."""
     out = []
-    for i, block in enumerate(blocks(model, tokens, p, seed, device, first_frame)):
+    for i, block in enumerate(blocks(model, tokens, p, seed, device, first_frame, actions)):
         out.append(block)
         on_block and on_block(i)
     return torch.cat(out, dim=2)
 
 
-def bench(model, tokens, p, seed, device, first_frame=None):
+def bench(model, tokens, p, seed, device, first_frame=None, actions=None):
     """First-frame latency (until the first generated block exists) and frames/s of one video."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    next(blocks(model, tokens[:1], p, seed, device))  # warm-up: one-off set-up costs are not latency
+    actions = None if actions is None else actions[:1]
+    next(blocks(model, tokens[:1], p, seed, device, actions=actions))  # warm-up: one-off costs are not latency
     sync()
     marks, t0 = [], time.perf_counter()
-    for _ in blocks(model, tokens[:1], p, seed, device, first_frame):
+    for _ in blocks(model, tokens[:1], p, seed, device, first_frame, actions):
         sync()
         marks.append(time.perf_counter())
     given = 0 if first_frame is None else 1
@@ -233,12 +274,12 @@ class VideoWriter:
         self.writer.close()
 
 
-def write(a, model, tokens, p, device, first_frame, prompts):
+def write(a, model, tokens, p, device, first_frame, prompts, actions=None):
     """Stream the video into --out as it is generated; then the contact sheet and --save-npy."""
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     writer = None if a.out.lower().endswith(".png") else VideoWriter(a.out)
     parts = []
-    for block in blocks(model, tokens, p, a.seed, device, first_frame):
+    for block in blocks(model, tokens, p, a.seed, device, first_frame, actions):
         parts.append(data.to_uint8(block))
         if writer:
             writer.append(parts[-1])
@@ -252,6 +293,9 @@ def write(a, model, tokens, p, device, first_frame, prompts):
         np.save(a.save_npy, video)
         with open(a.save_npy + ".prompts.txt", "w") as f:
             f.write("\n".join(prompts) + "\n")
+        if actions is not None:  # eval.py --npy reads it and reports action following
+            with open(a.save_npy + ".actions.txt", "w") as f:
+                f.write("\n".join(",".join(data.ACTIONS[i] for i in row) for row in actions.tolist()) + "\n")
         print(f"wrote {a.save_npy} {tuple(video.shape)}", file=sys.stderr)
 
 
@@ -269,7 +313,6 @@ def baseline(a, device):
 
 def main(argv=None):
     a = parse_args(argv)
-    stem = resolve_ckpt(a.ckpt)
     try:
         device = torch.device(a.device)
         torch.empty(0, device=device)
@@ -279,15 +322,21 @@ def main(argv=None):
         T.die(f"--out {a.out!r} must end in .mp4, .gif or .png")
     if a.save_npy and not a.save_npy.endswith(".npy"):
         T.die(f"--save-npy {a.save_npy!r} must end in .npy")
+    if a.model != "toy":  # the Wan scale: umT5, the Wan VAE and diffusers are imported on this path only
+        import wan
+        model, meta = wan.load_generator(a, device)
+        return wan.write_videos(a, model, prompt_list(a), plan(meta, a, model.cfg), device)
+    stem = resolve_ckpt(a.ckpt)
     model, meta = load(stem, device)
     prompts, tokens = read_prompts(a)
     first_frame = read_frame(a.first_frame, model.cfg) if a.first_frame else None
     p = plan(meta, a, model.cfg)
+    actions = read_actions(a, model.cfg, p, len(prompts))
     other = baseline(a, device) if a.compare else None  # every check before any work
     print(f"{os.path.basename(stem)} ({p['kind']}): {len(prompts)} video(s) x {p['frames']} frames, "
           f"{p['steps']} steps per block, guidance {p['guidance']}", file=sys.stderr)
     if a.bench:
-        result = {"checkpoint": os.path.basename(stem), **bench(model, tokens, p, a.seed, device, first_frame)}
+        result = {"checkpoint": os.path.basename(stem), **bench(model, tokens, p, a.seed, device, first_frame, actions)}
         if other:
             name, other_model, other_p = other
             result["compare"] = {"checkpoint": name, **bench(other_model, tokens, other_p, a.seed, device)}
@@ -296,7 +345,7 @@ def main(argv=None):
         print(json.dumps(result))
         return
     try:
-        write(a, model, tokens, p, device, first_frame, prompts)
+        write(a, model, tokens, p, device, first_frame, prompts, actions)
     except OSError as e:
         T.die(f"cannot write the output: {e}")
 

@@ -3,7 +3,9 @@
     python teacher.py --stage=base                       # stage 0: flow matching, full attention
     python teacher.py --stage=ar --frames_per_block=1    # stage 1: teacher forcing, frame-wise
     python teacher.py --stage=ar --frames_per_block=3    # stage 1: chunk-wise
+    python teacher.py --stage=base --actions=true        # the world model: one action per frame (DESIGN §3)
     torchrun --nproc_per_node=2 teacher.py --stage=base  # the same on N processes (DDP)
+    torchrun --nproc_per_node=2 teacher.py --stage=base --parallel=fsdp  # FSDP2: every rank holds a shard
 
 Stage 0 learns v = eps - x0 on whole clips (one t per clip, shifted sampling, ~10% empty prompts so
 that guidance works). Stage 1 starts from the base and sees [clean GT | noisy]: every noisy block
@@ -27,6 +29,7 @@ DEFAULTS = dict(
     stage="base",  # base | ar
     frames_per_block=1,  # ar only: 1 = frame-wise, 3 = chunk-wise
     model="toy",
+    actions=False,  # train on the action world: the model gets one action per frame (num_actions > 0)
     init="checkpoints/base",  # ar only: the stage-0 checkpoint to start from
     out="",  # run folder (default runs/<stage>[_fw|_cw])
     export="",  # ship the EMA weights to this stem (e.g. checkpoints/base) when done
@@ -46,6 +49,8 @@ DEFAULTS = dict(
     eval_every=0,  # sample 54 videos from the EMA weights and log their toy-VBench scores (0 = never)
     log_every=10,
     device="",
+    parallel="ddp",  # ddp | fsdp (FSDP2: parameters, gradients, EMA and optimizer state sharded over the ranks)
+    checkpointing=False,  # recompute each block's activations in the backward (memory for compute)
 )
 
 
@@ -53,7 +58,7 @@ def make_batch(cfg, step, n_frames):
     """The global batch of this step: clips, prompts, noise, timesteps and dropout, all from (seed, step)."""
     g = T.step_generator(cfg["seed"], step)
     B = cfg["batch_size"]
-    clips = next(data.ClipStream(B, cfg["seed"], frames=n_frames, start_batch=step))  # the global batch
+    clips = next(data.ClipStream(B, cfg["seed"], frames=n_frames, actions=cfg["actions"], start_batch=step))
     x0, prompts = clips["video"], clips["prompts"]
     drop = torch.rand(B, generator=g) < cfg["prompt_dropout"]
     prompts = ["" if d else p for p, d in zip(prompts, drop)]
@@ -63,17 +68,17 @@ def make_batch(cfg, step, n_frames):
     else:  # one t per block, drawn independently
         fpb = cfg["frames_per_block"]
         t = M.sample_t((B, n_frames // fpb), cfg["shift"], g).repeat_interleave(fpb, dim=1)
-    return x0, data.tokenize(prompts), noise, t
+    return x0, data.tokenize(prompts), noise, t, clips.get("actions")  # prompts drop out, actions never do
 
 
-def loss_fn(net, cfg, x0, tokens, noise, t):
+def loss_fn(net, cfg, x0, tokens, noise, t, actions=None):
     inner = T.unwrap(net)
     x_t = M.add_noise(x0, noise, t)
     ctx = inner.encode_text(tokens)
     if cfg["stage"] == "base":
-        v = net(x_t, t, ctx)
+        v = net(x_t, t, ctx, actions=actions)
     else:
-        v = net(x_t, t, ctx, frames_per_block=cfg["frames_per_block"], clean_x=x0)
+        v = net(x_t, t, ctx, frames_per_block=cfg["frames_per_block"], clean_x=x0, actions=actions)
     per_frame = F.mse_loss(v.float(), noise - x0, reduction="none").mean(dim=(1, 3, 4))  # [B, F]
     if cfg["weighting"] == "bell":
         per_frame = per_frame * M.loss_weight(t, cfg["shift"]).to(per_frame.device)
@@ -86,20 +91,26 @@ def main(argv):
         T.die(f"--stage must be base or ar, got {cfg['stage']!r}")
     if cfg["model"] not in M.PRESETS:
         T.die(f"unknown --model {cfg['model']!r}; presets: {', '.join(M.PRESETS)}")
-    mcfg = M.get_config(cfg["model"])
+    mcfg = M.get_config(cfg["model"], num_actions=len(data.ACTIONS) if cfg["actions"] else 0)
     n_frames = mcfg.frames
     if cfg["stage"] == "ar" and (cfg["frames_per_block"] < 1 or n_frames % cfg["frames_per_block"]):
         T.die(f"--frames_per_block must divide the {n_frames} frames, got {cfg['frames_per_block']}")
     for key in ("steps", "batch_size", "ckpt_every", "log_every"):
         if cfg[key] <= 0:
             T.die(f"--{key} must be positive, got {cfg[key]}")
+    if cfg["parallel"] not in ("ddp", "fsdp"):
+        T.die(f"--parallel must be ddp or fsdp, got {cfg['parallel']!r}")
+    if cfg["parallel"] == "fsdp" and cfg["eval_every"]:
+        T.die("--eval_every samples on rank 0 from whole weights; under --parallel=fsdp they are sharded")
+    if cfg["actions"] and cfg["eval_every"]:
+        T.die("--eval_every scores text-to-video models; judge a world model with sample.py --actions and eval.py")
     cfg["shift"] = cfg["shift"] or mcfg.shift
     mcfg = replace(mcfg, shift=cfg["shift"])  # the config carries the shift, so every sampler uses the trained one
     cfg["weighting"] = cfg["weighting"] or ("uniform" if cfg["stage"] == "base" else "bell")
     if cfg["weighting"] not in ("uniform", "bell"):
         T.die(f"--weighting must be uniform or bell, got {cfg['weighting']!r}")
     suffix = "" if cfg["stage"] == "base" else ("_fw" if cfg["frames_per_block"] == 1 else f"_b{cfg['frames_per_block']}")
-    out = cfg["out"] or os.path.join("runs", cfg["stage"] + suffix)
+    out = cfg["out"] or os.path.join("runs", cfg["stage"] + suffix + ("_world" if cfg["actions"] else ""))
     ckpt = os.path.join(out, "ckpt")
 
     rank, world, device = T.setup_distributed()
@@ -112,19 +123,24 @@ def main(argv):
         if M.config_from_dict(meta["config"]) != mcfg:
             T.die(f"--init {cfg['init']} was trained with another model config")
         net.load_state_dict(init.state_dict())
+    if cfg["checkpointing"]:
+        T.checkpoint_blocks(net)
+    if cfg["parallel"] == "fsdp":  # before the EMA and the optimizer are made, so that they hold shards too
+        net = T.wrap_fsdp(net, device)
     ema = T.EMA(net, cfg["ema"])
     opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], betas=(0.9, 0.99), weight_decay=cfg["weight_decay"])
     run = T.Run(out, cfg["steps"], {"kind": "train_" + cfg["stage"], "config": asdict(mcfg), "train": cfg},
                 modules={"model": net}, emas={"model": ema}, optimizers={"model": opt}, rank=rank, world=world,
                 log_every=cfg["log_every"])
-    ddp = T.wrap_ddp(net, device)
+    ddp = T.wrap_ddp(net, device) if cfg["parallel"] == "ddp" else net
     local = T.local_slice(cfg["batch_size"], rank, world)
 
     net.train()
     for step in range(run.start, cfg["steps"]):
-        x0, tokens, noise, t = (u[local].to(device) for u in make_batch(cfg, step, n_frames))
+        batch = make_batch(cfg, step, n_frames)
+        x0, tokens, noise, t, actions = (u if u is None else u[local].to(device) for u in batch)
         with T.autocast(device, cfg["bf16"]):
-            loss = loss_fn(ddp, cfg, x0, tokens, noise, t)
+            loss = loss_fn(ddp, cfg, x0, tokens, noise, t, actions)
         value = run.check(loss, step)
         lr = T.lr_at(step, cfg["lr"], cfg["warmup"])
         grad_norm = T.optimizer_step(opt, loss, lr, cfg["grad_clip"])

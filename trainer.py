@@ -1,5 +1,5 @@
 """The machinery every training stage shares, written once: `--key=value` config overrides, the
-distributed set-up (DDP; gloo on CPU, nccl on GPU), EMA, atomic safetensors + JSON checkpoints with
+distributed set-up (DDP or FSDP2; gloo on CPU, nccl on GPU), EMA, atomic safetensors + JSON checkpoints with
 resume, shipping a trained model, the JSONL log, tqdm progress and the NaN guard.
 
 Checkpoints are two files, NAME.safetensors (tensors only) and NAME.json (config, step, optimizer
@@ -7,6 +7,7 @@ hyper-parameters, kind): nothing is ever unpickled. Randomness is drawn per step
 by (seed, step) over the *global* batch and sliced per rank, so a resumed run, and a run on N processes,
 take exactly the steps an uninterrupted single-process run takes.
 """
+import functools
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm import tqdm
 
 import model as M
@@ -77,6 +79,42 @@ def wrap_ddp(module, device):
     if dist.is_initialized() and dist.get_world_size() > 1:
         return torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
     return module
+
+
+def wrap_fsdp(module, device):
+    """FSDP2: every block, then the rest, is sharded across the ranks (parameters become DTensors; a forward
+    gathers one block at a time). Make the EMA and the optimizer after this, so they hold shards too. On GPU
+    the blocks compute in bf16 over fp32 shards and gradients are reduced in fp32."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return module
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    for block in module.blocks:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(module, mp_policy=mp)
+    register_fsdp_forward_method(module, "encode_text")  # the toy's text embedding is used outside forward
+    return module
+
+
+def checkpoint_blocks(module):
+    """Activation checkpointing: each block's activations are recomputed in the backward instead of stored.
+    Training forwards only: a KV-cached forward would write its cache again when recomputed."""
+    from torch.utils.checkpoint import checkpoint
+    for block in module.blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    return module
+
+
+def full(tensor):
+    """The whole tensor of an FSDP2 shard (a collective: every rank must call it), or the tensor itself."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_like(tensor, ref):
+    """A whole tensor from a checkpoint, sharded the way `ref` is (FSDP2), or as it is."""
+    if isinstance(ref, DTensor) and tensor.shape == ref.shape:
+        return distribute_tensor(tensor.to(ref.device), ref.device_mesh, ref.placements)
+    return tensor
 
 
 def unwrap(module):
@@ -213,35 +251,48 @@ class Run:
 
     def _load(self):
         tensors, meta = load_checkpoint(self.ckpt)
-        for name, module in self.modules.items():
-            module.load_state_dict(split_prefix(tensors, name + "."))
+        for name, module in self.modules.items():  # every rank reads the whole file and keeps its shards
+            own = module.state_dict()
+            module.load_state_dict({k: shard_like(v, own[k]) for k, v in split_prefix(tensors, name + ".").items()})
         for name, ema in self.emas.items():
-            ema.shadow = {k: v.float() for k, v in split_prefix(tensors, f"ema_{name}.").items()}
+            ema.shadow = {k: shard_like(v.float(), ema.shadow[k]) for k, v in split_prefix(tensors, f"ema_{name}.").items()}
         for name, opt in self.optimizers.items():
+            params = [p for group in opt.param_groups for p in group["params"]]  # the state's indices
             state = {}
             for key, value in split_prefix(tensors, f"optim_{name}.").items():
                 idx, field = key.split(".", 1)
-                state.setdefault(int(idx), {})[field] = value
+                state.setdefault(int(idx), {})[field] = shard_like(value, params[int(idx)])
             opt.load_state_dict({"state": state, "param_groups": meta["param_groups"][name]})
         self.start, self.wall_before, self.last_good = meta["step"], meta["wall_s"], self.ckpt
 
     def elapsed(self):
         return self.wall_before + time.time() - self.t0
 
+    def gathered(self, items):
+        """{key: whole tensor on the CPU} on rank 0, {} elsewhere; under FSDP2 every rank takes part in
+        gathering each shard, one tensor at a time (no rank ever holds the whole state on its device)."""
+        out = {}
+        for key, value in items:
+            value = full(value)
+            if self.rank == 0:
+                out[key] = value.detach().cpu()
+        return out
+
     def save(self, step):
-        if self.rank != 0:
-            return
+        """Every rank calls this (FSDP2 gathers are collective); rank 0 writes."""
         tensors = {}
         for name, module in self.modules.items():
-            tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+            tensors.update(self.gathered((f"{name}.{k}", v) for k, v in module.state_dict().items()))
         for name, ema in self.emas.items():
-            tensors.update({f"ema_{name}.{k}": v for k, v in ema.shadow.items()})
+            tensors.update(self.gathered((f"ema_{name}.{k}", v) for k, v in ema.shadow.items()))
         groups = {}
         for name, opt in self.optimizers.items():
             sd = opt.state_dict()
             groups[name] = sd["param_groups"]
-            for idx, state in sd["state"].items():
-                tensors.update({f"optim_{name}.{idx}.{k}": torch.as_tensor(v) for k, v in state.items()})
+            tensors.update(self.gathered((f"optim_{name}.{idx}.{k}", torch.as_tensor(v))
+                                         for idx, state in sd["state"].items() for k, v in state.items()))
+        if self.rank != 0:
+            return
         meta = {**self.meta, "step": step, "wall_s": round(self.elapsed(), 1), "param_groups": groups}
         save_checkpoint(self.ckpt, tensors, meta)
         self.last_good = self.ckpt
@@ -277,13 +328,15 @@ class Run:
                 f.write(json.dumps({"step": step, "wall_s": round(self.elapsed(), 1), "eval": scores}) + "\n")
 
     def ship(self, stem, ema, cfg, meta):
-        """Export the EMA weights as a shipped checkpoint (rank 0), its JSONL log beside it."""
-        if self.rank != 0 or not stem:
+        """Export the EMA weights as a shipped checkpoint (gathered on every rank, written by rank 0), its
+        JSONL log beside it."""
+        if not stem:
             return
-        shipped = M.build(cfg)
-        ema.copy_to(shipped)
+        weights = self.gathered(ema.shadow.items())
+        if self.rank != 0:
+            return
         log_name = os.path.basename(stem) + ".log.jsonl"
-        export(stem, shipped, {**meta, "config": asdict(cfg), "wall_s": round(self.elapsed(), 1), "log": log_name})
+        export(stem, weights, {**meta, "config": asdict(cfg), "wall_s": round(self.elapsed(), 1), "log": log_name})
         if os.path.exists(self.log_path):  # the training curve ships beside the weights
             shutil.copy(self.log_path, os.path.join(os.path.dirname(os.path.abspath(stem)), log_name))
 
