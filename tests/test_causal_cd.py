@@ -268,7 +268,7 @@ def test_bad_input_exits_2_with_one_line(ckpts, tmp_path, capsys):
 def test_torchrun_two_processes_take_the_same_steps_as_one(ckpts, tmp_path, method):
     one = run(ckpts, tmp_path / "one", "--steps=2", method=method)
     args = [*TINY, f"--method={method}", f"--teacher={ckpts}/ar1", "--steps=2", f"--out={tmp_path / 'two'}"]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29523",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "causal_cd.py", *args], cwd=ROOT, capture_output=True, text=True,
                        env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

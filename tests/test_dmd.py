@@ -196,7 +196,7 @@ def test_torchrun_two_processes_take_the_same_steps_as_one(ckpts, tmp_path):
     generator's several grad-carrying forwards per backward all-reduce correctly under DDP."""
     dmd.main(args(ckpts, tmp_path / "one", "--batch_size=4", "--steps=3"))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29521",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "dmd.py", *args(ckpts, tmp_path / "two", "--batch_size=4", "--steps=3")],
                        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -79,7 +79,7 @@ def test_bad_options_exit_2_with_one_line(tmp_path):
 def test_torchrun_two_processes_take_the_same_step_as_one(tmp_path):
     one = run(tmp_path, "one", "--steps=2", "--ckpt_every=2")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "teacher.py", *TINY, "--steps=2", "--ckpt_every=2", f"--out={tmp_path / 'two'}"],
                        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -205,7 +205,7 @@ def test_fsdp2_two_ranks_train_and_resume_exactly_as_one_process(tmp_path):
     teacher.main(tiny + ["--steps=3", f"--out={tmp_path / 'one'}"])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for steps, extra in ((2, []), (3, ["--checkpointing=true"])):
-        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29527",
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                             "teacher.py", *tiny, f"--steps={steps}", "--parallel=fsdp", *extra,
                             f"--out={tmp_path / 'two'}"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
