@@ -37,12 +37,14 @@ DEFAULTS = dict(
     batch_size=16,
     lr=1e-3,
     warmup=100,
+    decay=0,  # steps of linear learning-rate cool-down to zero at the end of the run (0 = none)
     weight_decay=0.0,
     grad_clip=1.0,
     ema=0.999,
     prompt_dropout=0.1,
     weighting="",  # uniform | bell (default: uniform for base, bell for ar)
-    shift=0.0,  # timestep shift; 0 = the model preset's
+    shift=0.0,  # timestep shift of the samplers; 0 = the model preset's
+    train_shift=0.0,  # timestep shift of the training t distribution; 0 = the same as --shift
     seed=0,
     bf16=True,
     ckpt_every=250,
@@ -64,10 +66,10 @@ def make_batch(cfg, step, n_frames):
     prompts = ["" if d else p for p, d in zip(prompts, drop)]
     noise = torch.randn(x0.shape, generator=g)
     if cfg["stage"] == "base":
-        t = M.sample_t((B,), cfg["shift"], g)[:, None].expand(B, n_frames)
+        t = M.sample_t((B,), cfg["train_shift"], g)[:, None].expand(B, n_frames)
     else:  # one t per block, drawn independently
         fpb = cfg["frames_per_block"]
-        t = M.sample_t((B, n_frames // fpb), cfg["shift"], g).repeat_interleave(fpb, dim=1)
+        t = M.sample_t((B, n_frames // fpb), cfg["train_shift"], g).repeat_interleave(fpb, dim=1)
     return x0, data.tokenize(prompts), noise, t, clips.get("actions")  # prompts drop out, actions never do
 
 
@@ -105,6 +107,7 @@ def main(argv):
     if cfg["actions"] and cfg["eval_every"]:
         T.die("--eval_every scores text-to-video models; judge a world model with sample.py --actions and eval.py")
     cfg["shift"] = cfg["shift"] or mcfg.shift
+    cfg["train_shift"] = cfg["train_shift"] or cfg["shift"]
     mcfg = replace(mcfg, shift=cfg["shift"])  # the config carries the shift, so every sampler uses the trained one
     cfg["weighting"] = cfg["weighting"] or ("uniform" if cfg["stage"] == "base" else "bell")
     if cfg["weighting"] not in ("uniform", "bell"):
@@ -142,7 +145,7 @@ def main(argv):
         with T.autocast(device, cfg["bf16"]):
             loss = loss_fn(ddp, cfg, x0, tokens, noise, t, actions)
         value = run.check(loss, step)
-        lr = T.lr_at(step, cfg["lr"], cfg["warmup"])
+        lr = T.lr_at(step, cfg["lr"], cfg["warmup"], cfg["steps"], cfg["decay"])
         grad_norm = T.optimizer_step(opt, loss, lr, cfg["grad_clip"])
         ema.update(net, min(cfg["ema"], (1 + step) / (10 + step)))  # warm-up: early EMA tracks the weights
         run.log(step + 1, loss=value, grad_norm=grad_norm, lr=lr)

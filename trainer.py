@@ -356,5 +356,8 @@ def optimizer_step(opt, loss, lr, clip):
     return norm
 
 
-def lr_at(step, lr, warmup):
-    return lr * min(1.0, (step + 1) / max(1, warmup))
+def lr_at(step, lr, warmup, total=0, decay=0):
+    """Warm-up, constant, then (decay > 0) a linear cool-down to zero over the last `decay` of `total` steps:
+    the constant phase can be resumed and extended, and the cool-down sharpens the weights at the end."""
+    cool = min(1.0, (total - step) / decay) if decay else 1.0
+    return lr * min(1.0, (step + 1) / max(1, warmup), cool)

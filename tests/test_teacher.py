@@ -112,3 +112,20 @@ def test_every_stage_runs_end_to_end_and_samples(tmp_path):
         assert r.returncode == 0, r.stderr
         video = np.load(npy)
         assert video.shape == (2, 6, 32, 32, 3) and video.dtype == np.uint8
+
+
+def test_learning_rate_warms_up_holds_then_cools_down_to_zero():
+    lrs = [T.lr_at(s, 1.0, warmup=10, total=100, decay=20) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == 1.0 and lrs[80] == 1.0
+    assert lrs[99] == pytest.approx(0.05) and all(a > b for a, b in zip(lrs[80:], lrs[81:]))
+    assert [T.lr_at(s, 1.0, 10) for s in range(10, 100)] == [1.0] * 90  # no decay: constant after warm-up
+
+
+def test_train_shift_moves_the_training_timesteps_and_not_the_sampler(tmp_path):
+    cfg = dict(teacher.DEFAULTS, batch_size=256, shift=5.0)
+    t5 = teacher.make_batch(dict(cfg, train_shift=5.0), 0, 2)[3]
+    t1 = teacher.make_batch(dict(cfg, train_shift=1.0), 0, 2)[3]
+    assert t1.mean() < 600 < t5.mean()  # uniform mean 500; shift 5 puts most draws near t = 1000
+    out = run(tmp_path, "ts", "--steps=1", "--train_shift=1", "--export=" + str(tmp_path / "ship"))
+    assert json.load(open(str(tmp_path / "ship") + ".json"))["config"]["shift"] == M.get_config("toy-tiny").shift
+    assert out.exists()
