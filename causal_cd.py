@@ -6,6 +6,8 @@
     python causal_cd.py --method=bidir_ode --frames_per_block=3    # Self-Forcing-style: ODE pairs of the base
     python causal_cd.py --teacher=checkpoints/world_ar_teacher_framewise  # the world model: actions come along
     torchrun --nproc_per_node=2 causal_cd.py --method=cd           # the same on N processes (DDP)
+    torchrun --nproc_per_node=8 causal_cd.py --teacher=checkpoints/wan_ar_teacher --data=DATA \
+        --parallel=fsdp --checkpointing=true                       # Wan scale: GT latents and umT5 contexts
 
 Every method trains x̂0 = x_t - σ v of a student initialised from its teacher, with an MSE in x0 space:
   cd         each step: a grid point t_k of the shifted 48-step grid for the whole clip, x_t from GT; the frozen
@@ -19,7 +21,9 @@ Every method trains x̂0 = x_t - σ v of a student initialised from its teacher,
 Because the AR teacher's trajectory of frame i depends only on its noise and the GT frames before it, cd and
 ode learn a function of what the causal student sees; bidir_ode does not (its targets depend on future noise).
 A run resumes from OUT/ckpt (and the trajectories from their shards); `--export=STEM` ships the EMA of the
-student as a kind "student" checkpoint for sample.py; `--cost_json` records the Stage-2 cost.
+student as a kind "student" checkpoint for sample.py; `--cost_json` records the Stage-2 cost. With --data (a
+latent data set from `python wan.py encode`, for a Wan-scale teacher) cd's GT clips are Wan latents with their
+umT5 contexts; the ODE methods store toy token ids with their trajectories and stay on the toy world.
 """
 import json
 import math
@@ -45,6 +49,7 @@ DEFAULTS = dict(
     frames_per_block=1,  # 1 = frame-wise, 3 = chunk-wise
     teacher="",  # cd, ode: the stage-1 AR teacher (default checkpoints/ar_teacher_framewise or _chunkwise)
     base="checkpoints/base",  # bidir_ode: the bidirectional base that draws the ODE pairs
+    data="",  # cd: a latent data set (`python wan.py encode`) for a Wan-scale teacher; GT latents, umT5 contexts
     out="",  # run folder (default runs/<name>_fw or _b<frames_per_block>)
     export="",  # ship the student (its EMA) to this stem when done
     cost_json="",  # merge this run's Stage-2 cost into this JSON (e.g. checkpoints/stage2_cost.json)
@@ -62,6 +67,8 @@ DEFAULTS = dict(
     ckpt_every=100,
     log_every=10,
     device="",
+    parallel="ddp",  # ddp | fsdp (FSDP2: the student, its EMA, target and optimizer state sharded over the ranks)
+    checkpointing=False,  # recompute the student's block activations in the backward (memory for compute)
 )
 NAMES = {"cd": "causal_cd", "ode": "causal_ode", "bidir_ode": "bidir_ode"}
 TEACHERS = {1: "checkpoints/ar_teacher_framewise", 3: "checkpoints/ar_teacher_chunkwise"}
@@ -199,20 +206,19 @@ def generate(store, teacher, cfg, shift, frames, rank, world, device):
 # batches, cost, the run
 
 
-def make_batch(cfg, step, local, frames, grid, store, actions=False):
-    """This rank's share of the step's global batch, drawn from (seed, step): x_t, t [B, F], tokens, the GT
-    context `gt` (not for bidir_ode) and t_next (cd) or the stored ODE end `target`; with `actions` (the
-    world model, cd only) the clips' actions too."""
+def make_batch(cfg, step, local, frames, grid, store, actions=False, latents=None):
+    """This rank's share of the step's global batch, drawn from (seed, step): x_t, t [B, F], tokens (toy ids, or
+    umT5 contexts with `latents`), the GT context `gt` (not for bidir_ode) and t_next (cd) or the stored ODE end
+    `target`; with `actions` (the world model, cd only) the clips' actions too."""
     g = T.step_generator(cfg["seed"], step)
     B = cfg["batch_size"]
     if cfg["method"] == "cd":  # fresh GT clips; one grid index k < 47 per clip, shared by its frames
-        clips = next(data.ClipStream(B, cfg["seed"], frames=frames, actions=actions, start_batch=step))
-        gt = clips["video"]
+        gt, text, acts = data.ground_truth(step, B, cfg["seed"], frames, actions, latents)
         k = torch.randint(0, GRID - 1, (B,), generator=g)[:, None].expand(B, frames)
         x_t = M.add_noise(gt, torch.randn(gt.shape, generator=g), grid[k])
-        b = dict(x_t=x_t, t=grid[k], t_next=grid[k + 1], tokens=clips["tokens"], gt=gt)
+        b = dict(x_t=x_t, t=grid[k], t_next=grid[k + 1], tokens=text, gt=gt)
         if actions:
-            b["actions"] = clips["actions"]
+            b["actions"] = acts
         return {key: value[local] for key, value in b.items()}
     idx = torch.randint(0, cfg["clips"], (B,), generator=g)[local]
     blocks = 1 if cfg["method"] == "ode" else frames // cfg["frames_per_block"]  # ode: one snapshot per clip
@@ -275,6 +281,8 @@ def main(argv):
             T.die(f"--{key} must be positive, got {cfg[key]}")
     if not 0 <= cfg["ema"] < 1 or cfg["guidance"] < 0:
         T.die("--ema must lie in [0, 1) and --guidance be >= 0")
+    if cfg["data"] and cfg["method"] != "cd":
+        T.die("--data is for --method=cd: the ODE methods store toy prompt ids with their trajectories")
     cfg["guidance"] = cfg["guidance"] or (3.0 if cfg["method"] == "cd" else 6.0)
     fpb, name = cfg["frames_per_block"], NAMES[cfg["method"]]
     out = cfg["out"] or os.path.join("runs", name + ("_fw" if fpb == 1 else f"_b{fpb}"))
@@ -288,8 +296,12 @@ def main(argv):
     actions = mcfg.num_actions > 0  # a world-model teacher: its clips come with their actions
     if actions and cfg["method"] != "cd":
         T.die(f"{stem} is an action world model; it distils by causal CD (--method=cd) only")
-    if actions and not cfg["out"]:  # never resume a text-to-video run into a world model
-        out += "_world"
+    latents = None
+    if cfg["data"]:
+        latents = data.LatentStream(cfg["data"], cfg["batch_size"], cfg["seed"])
+        latents.check(mcfg, f"--teacher {stem}")
+    if not cfg["out"]:  # never resume a toy text-to-video run into a world model or a Wan-scale one
+        out += "_world" if actions else "_latents" if latents else ""
     store = None
     if cfg["method"] != "cd":
         settings = {k: cfg[k] for k in ("method", "frames_per_block", "guidance", "seed", "batch_size", "clips")}
@@ -301,6 +313,7 @@ def main(argv):
     net.load_state_dict(source.state_dict())
     teacher = source if cfg["method"] == "cd" else None  # the ODE methods are done with theirs
     del source
+    net, ddp = T.parallelize(net, cfg["parallel"], device, cfg["checkpointing"])  # before the EMA and optimizer
     ema = T.EMA(net, cfg["ema"])  # no warm-up: the target starts as the teacher, which is where the student starts
     opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), weight_decay=cfg["weight_decay"])
     run = T.Run(out, cfg["steps"], {"kind": "train_" + name, "config": asdict(mcfg), "train": cfg},
@@ -309,13 +322,14 @@ def main(argv):
     target = None
     if cfg["method"] == "cd":  # the EMA lives in the checkpoint; the target module is its working copy
         target = M.build(mcfg).to(device).requires_grad_(False).eval()
+        if cfg["parallel"] == "fsdp":  # sharded like the student, so that the EMA's shards copy into it
+            target = T.wrap_fsdp(target, device)
         ema.copy_to(target)
-    ddp = T.wrap_ddp(net, device)
     grid = M.timesteps(GRID, shift)
 
     net.train()
     for step in range(run.start, cfg["steps"]):
-        b = {k: v.to(device) for k, v in make_batch(cfg, step, local, frames, grid, store, actions).items()}
+        b = {k: v.to(device) for k, v in make_batch(cfg, step, local, frames, grid, store, actions, latents).items()}
         with T.autocast(device, cfg["bf16"]):
             loss = loss_fn(ddp, b, cfg, teacher, target)
         value = run.check(loss, step)

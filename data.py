@@ -3,15 +3,19 @@
 One coloured shape moves in a 32x32 black frame: it bounces off the walls (text-to-video world), or it is
 pushed 2 px per frame by an action (world-model variant). Clips are made on the fly from a seed with
 `np.random.default_rng(seed)` and never touch global random state, so a clip is the same in every process.
+The Wan-scale stages read a latent data set instead (LatentStream: VAE latents and umT5 contexts written by
+`python wan.py encode`); data.py itself needs neither transformers nor diffusers.
 
     python data.py --num-videos 54 --seed 0 --save-npy real.npy --out real.png
 """
 import argparse
+import json
 import os
 import sys
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 SIZE, FRAMES = 32, 12
 COLOURS = ("red", "green", "blue", "yellow", "cyan", "magenta")
@@ -201,6 +205,94 @@ class ClipStream:
         if self.actions:
             out["actions"] = action_ids([c[2] for c in clips])
         return out
+
+
+# ----------------------------------------------------------------------------- the Wan-scale latent data set
+
+LATENT_INDEX, LATENT_SHARD = "index.json", "shard_{:05d}.safetensors"
+
+
+class LatentStream:
+    """Endless, reproducible Wan-scale training batches from a latent data set (DATA/, written by `python
+    wan.py encode`). DATA/shard_NNNNN.safetensors holds `latents` [n, C, f, h, w] (bf16, the VAE's normalised
+    latents), `context` [R, D] (bf16, the umT5 rows of its n prompts back to back, without their zero
+    padding) and `lengths` [n] (each prompt's rows); DATA/index.json holds the shapes and the clips per shard.
+    Batch k takes positions k*B .. k*B+B-1 of an endless run of epochs, each a permutation of all clips drawn
+    from (seed, epoch): every clip once per epoch, and the same batch in every process and after a resume
+    (start_batch=k). Yields {"video": [B, C, f, h, w], "context": [B, 512, D]} in float32, the context zero-
+    padded back to its 512 rows. Shards are memory-mapped: a batch reads only its own rows."""
+
+    def __init__(self, folder, batch_size, seed=0, start_batch=0):
+        if batch_size < 1:
+            raise ValueError(f"bad stream: batch_size={batch_size}")
+        path = os.path.join(folder, LATENT_INDEX)
+        if not os.path.exists(path):
+            die(f"{folder} is not a latent data set: it has no {LATENT_INDEX} (write one with `python wan.py encode`)")
+        try:
+            with open(path) as f:
+                index = json.load(f)
+            self.shape, self.text_dim, self.text_len = tuple(index["latent_shape"]), index["text_dim"], index["text_len"]
+            self.files = [safe_open(os.path.join(folder, LATENT_SHARD.format(i)), "pt") for i in range(len(index["shards"]))]
+            lengths = [f.get_tensor("lengths") for f in self.files]
+            fits = all(f.get_slice("latents").get_shape() == [n, *self.shape] and len(rows) == n
+                       and f.get_slice("context").get_shape() == [int(rows.sum()), self.text_dim]
+                       for f, n, rows in zip(self.files, index["shards"], lengths))
+        except Exception as e:  # json, safetensors and a hand-edited index raise several types
+            die(f"{folder} is not a readable latent data set ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+        if not fits or not sum(index["shards"]):
+            die(f"{folder}: its shards disagree with {LATENT_INDEX} (clips, latent shape or context rows), or it is empty")
+        self.where = []  # clip -> (shard, row, first context row, context rows)
+        for shard, rows in enumerate(lengths):
+            starts = (torch.cumsum(rows, 0) - rows).tolist()
+            self.where += [(shard, i, a, n) for i, (a, n) in enumerate(zip(starts, rows.tolist()))]
+        self.folder, self.batch_size, self.seed, self.batch = folder, batch_size, seed, start_batch
+
+    def __len__(self):
+        return len(self.where)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.batch += 1
+        return self.at(self.batch - 1)
+
+    def at(self, k):
+        """Batch k."""
+        n, pos = len(self), np.arange(k * self.batch_size, (k + 1) * self.batch_size)
+        perms = {e: np.random.default_rng((self.seed, e, TRAIN)).permutation(n) for e in set((pos // n).tolist())}
+        idx = [int(perms[p // n][p % n]) for p in pos.tolist()]
+        video = torch.cat([self.files[s].get_slice("latents")[i:i + 1] for s, i, _, _ in (self.where[j] for j in idx)])
+        return {"video": video.float(), "context": self.contexts(idx)}
+
+    def contexts(self, idx):
+        """umT5 contexts [len(idx), 512, D] of clips idx, zero past each prompt's rows."""
+        out = torch.zeros(len(idx), self.text_len, self.text_dim)
+        for row, j in enumerate(idx):
+            s, _, a, n = self.where[int(j)]
+            out[row, :n] = self.files[s].get_slice("context")[a:a + n].float()
+        return out
+
+    def check(self, cfg, what):
+        """Exit 2 unless the model `what` (its model.Config `cfg`) takes these latents and contexts."""
+        if cfg.vocab_size or cfg.num_actions:
+            die(f"{what} is a toy-world model (token embedding or actions); latents come with umT5 contexts")
+        takes = (cfg.in_dim, cfg.frames, cfg.height, cfg.width)
+        if takes != self.shape or (cfg.text_len, cfg.text_dim) != (self.text_len, self.text_dim):
+            die(f"{self.folder} holds latents {list(self.shape)} and {self.text_len}x{self.text_dim} contexts; "
+                f"{what} takes latents {list(takes)} and {cfg.text_len}x{cfg.text_dim} contexts")
+
+
+def ground_truth(step, batch_size, seed, frames, actions=False, latents=None):
+    """The step's global batch of ground-truth clips, all from (seed, step): (video, text, actions). Toy: fresh
+    Bouncing Shapes clips [B, 3, T, 32, 32], prompt token ids [B, 2] and (world model) actions; with `latents`
+    (a LatentStream of this batch size and seed): Wan latents, umT5 contexts [B, 512, D] and no actions.
+    Either text is all zeros for the empty prompt, so prompt dropout and guidance zero it."""
+    if latents is None:
+        clips = next(ClipStream(batch_size, seed, frames=frames, actions=actions, start_batch=step))
+        return clips["video"], clips["tokens"], clips.get("actions")
+    clips = latents.at(step)
+    return clips["video"], clips["context"], None
 
 
 # ----------------------------------------------------------------------------- previews

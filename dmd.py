@@ -7,6 +7,8 @@
     python dmd.py --init=checkpoints/bidir_ode_chunkwise --frames_per_block=3 --steps_per_block=4 \
                   --export=checkpoints/sf_chunkwise_4step
     torchrun --nproc_per_node=2 dmd.py ...                  # the same on N processes (DDP)
+    torchrun --nproc_per_node=8 dmd.py --init=checkpoints/wan_causal_cd --real=Wan2.1-T2V-1.3B-Diffusers/transformer \
+        --data=DATA --parallel=fsdp --checkpointing=true     # Wan scale: umT5 contexts from the latent data set
 
 Three networks. The generator G (the student, from a stage-2 init) rolls out whole videos exactly as
 sample.py does (rollout.stream: block by block with the KV cache, a few consistency steps per block), so
@@ -18,7 +20,9 @@ base would draw: g = (x0_fake - x0_real) / mean|x - x0_real|, applied through th
 1/2 |x - sg(x - g)|^2, whose gradient with respect to x is g. The critic steps every iteration, the
 generator every `critic_updates`-th, so the fake score keeps up with G. The shipped weights are G's EMA.
 Data-free: only prompts (and, for an action world model, random sticky action sequences that G, the
-real score and the critic all see). A run resumes from OUT/ckpt (G, critic, both optimizers and the EMA).
+real score and the critic all see). With --data (a latent data set from `python wan.py encode`) the prompts
+are its umT5 contexts, drawn at random; its latents are not used. A run resumes from OUT/ckpt (G, critic,
+both optimizers and the EMA).
 """
 import os
 import sys
@@ -31,10 +35,12 @@ import data
 import model as M
 import rollout
 import trainer as T
+import wan
 
 DEFAULTS = dict(
     init="checkpoints/causal_cd_framewise",  # the stage-2 student G starts from (kind "student")
-    real="checkpoints/base",  # the frozen bidirectional base: the real score, and the critic's start
+    real="checkpoints/base",  # the frozen bidirectional base: the real score, and the critic's start (or a Wan folder)
+    data="",  # a latent data set (`python wan.py encode`): a Wan-scale G draws its prompts' umT5 contexts
     frames_per_block=0,  # 0 = the init's (1 frame-wise, 3 chunk-wise)
     steps_per_block=0,  # 0 = the init's; frame-wise students below 4 steps give frame 0 a 4-step list
     out="",  # run folder (default runs/dmd_<export name>)
@@ -53,6 +59,8 @@ DEFAULTS = dict(
     ckpt_every=50,
     log_every=5,
     device="",
+    parallel="ddp",  # ddp | fsdp (FSDP2: G, the critic, the EMA and both optimizer states sharded over the ranks)
+    checkpointing=False,  # the critic's blocks only: G's KV-cached rollout forwards cannot be recomputed (README)
 )
 
 
@@ -64,20 +72,24 @@ def schedule(fpb, steps, shift):
                 steps=M.timesteps(steps, shift).tolist(), first=M.timesteps(first, shift).tolist() if first else None)
 
 
-def make_batch(cfg, step, stream, shape, sched, shift, actions=False):
-    """One update's randomness over the global batch, from (seed, step, stream): prompts, rollout noise,
-    the exit steps (shared by all blocks; frame 0's own on its list), DMD/critic t and noise, and the
-    generator of the rollout's fresh re-noising draws; with `actions`, sticky action sequences of the world."""
+def make_batch(cfg, step, stream, shape, sched, shift, actions=False, latents=None):
+    """One update's randomness over the global batch, from (seed, step, stream): prompts (toy ids, or the umT5
+    contexts of random clips of `latents`), rollout noise, the exit steps (shared by all blocks; frame 0's own
+    on its list), DMD/critic t and noise, and the generator of the rollout's fresh re-noising draws; with
+    `actions`, sticky action sequences of the world."""
     g = T.step_generator(cfg["seed"], step, stream)
     B = cfg["batch_size"]
-    prompts = [data.PROMPTS[i] for i in torch.randint(len(data.PROMPTS), (B,), generator=g)]
+    if latents is None:
+        tokens = data.tokenize([data.PROMPTS[i] for i in torch.randint(len(data.PROMPTS), (B,), generator=g)])
+    else:
+        tokens = latents.contexts(torch.randint(len(latents), (B,), generator=g).tolist())
     noise = torch.randn((B, *shape), generator=g)
     n_first = len(sched["first"]) if sched["first"] else 1  # drawn either way: the draws stay aligned
     exits = (torch.randint(len(sched["steps"]), (), generator=g).item(),
              torch.randint(n_first, (), generator=g).item())
     t = M.sample_t((B,), shift, g).clamp(20, 980)  # one t per video, the same for all its frames
     eps = torch.randn((B, *shape), generator=g)
-    b = dict(tokens=data.tokenize(prompts), noise=noise, exits=exits, t=t, eps=eps,
+    b = dict(tokens=tokens, noise=noise, exits=exits, t=t, eps=eps,
              fresh=T.step_generator(cfg["seed"], step, stream + 2))
     if actions:
         b["actions"] = data.action_ids([data.action_path((cfg["seed"], step, stream, i, data.TRAIN), shape[1])[4]
@@ -117,7 +129,7 @@ def critic_loss(critic, x, tokens, t, eps, actions=None):
 
 
 def load(stem, kind, device):
-    net, meta = T.load_model(stem, device)
+    net, meta = wan.load_dit(stem, device)  # a checkpoint pair, or (the real score) a Wan folder
     if meta["kind"] != kind:
         T.die(f"{stem} is a {meta['kind']!r} checkpoint; expected {kind!r}")
     return net, meta
@@ -158,8 +170,15 @@ def main(argv):
         device = torch.device(cfg["device"])
     gen, real, critic, sched = networks(cfg, device)
     mcfg = gen.cfg
+    latents = None
+    if cfg["data"]:
+        latents = data.LatentStream(cfg["data"], cfg["batch_size"], cfg["seed"])
+        latents.check(mcfg, f"--init {cfg['init']}")
+        latents.check(real.cfg, f"--real {cfg['real']}")
     name = os.path.basename(cfg["export"]) or f"b{sched['frames_per_block']}_s{sched['steps_per_block']}"
     out = cfg["out"] or os.path.join("runs", "dmd_" + name)
+    gen, gen_ddp = T.parallelize(gen, cfg["parallel"], device)  # before the EMAs and optimizers are made
+    critic, critic_ddp = T.parallelize(critic, cfg["parallel"], device, cfg["checkpointing"])
     ema = T.EMA(gen, cfg["ema"])
     adamw = lambda net, lr: torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.0, 0.999),
                                               weight_decay=cfg["weight_decay"])
@@ -167,13 +186,12 @@ def main(argv):
     run = T.Run(out, cfg["steps"], {"kind": "train_dmd", "config": asdict(mcfg), "train": cfg},
                 modules={"generator": gen, "critic": critic}, emas={"generator": ema},
                 optimizers={"generator": opt_g, "critic": opt_c}, rank=rank, world=world, log_every=cfg["log_every"])
-    gen_ddp, critic_ddp = T.wrap_ddp(gen, device), T.wrap_ddp(critic, device)
     local = T.local_slice(cfg["batch_size"], rank, world)
     rows = (local, cfg["batch_size"]) if world > 1 else None
     shape = (mcfg.in_dim, mcfg.frames, mcfg.height, mcfg.width)
 
     def batch(step, stream):  # this process's rows of the update's global batch
-        b = make_batch(cfg, step, stream, shape, sched, mcfg.shift, mcfg.num_actions > 0)
+        b = make_batch(cfg, step, stream, shape, sched, mcfg.shift, mcfg.num_actions > 0, latents)
         return {k: (v[local].to(device) if torch.is_tensor(v) and v.ndim else v) for k, v in b.items()}
 
     last = {}

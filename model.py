@@ -381,7 +381,10 @@ class CausalWanModel(nn.Module):
 
     def encode_text(self, tokens):
         """Toy stand-in for umT5: token ids [B, L] -> embeddings [B, L, text_dim]; id 0 (pad) encodes as
-        zeros, like the zero padding of a real umT5 context, so the empty prompt is all zeros."""
+        zeros, like the zero padding of a real umT5 context, so the empty prompt is all zeros. A model
+        without a token embedding (Wan, vocab_size 0) is given the umT5 context itself: it passes through."""
+        if not self.cfg.vocab_size:
+            return tokens
         return self.token_embedding(tokens) * (tokens > 0)[..., None]
 
     def new_cache(self, max_frames=None, window=None, sink=0):

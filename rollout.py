@@ -20,7 +20,7 @@ def contexts(model, tokens, guidance):
     """Text context [B, L, D] from the toy's prompt tokens; a model without a token embedding (Wan) takes
     its text encoder's output [B, L, text_dim] in their place. With guidance > 1 the unconditional
     (empty prompt) half is appended."""
-    ctx = model.encode_text(tokens) if model.cfg.vocab_size else tokens
+    ctx = model.encode_text(tokens)
     return torch.cat([ctx, torch.zeros_like(ctx)]) if guidance > 1 else ctx
 
 

@@ -313,11 +313,7 @@ def baseline(a, device):
 
 def main(argv=None):
     a = parse_args(argv)
-    try:
-        device = torch.device(a.device)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:
-        T.die(f"--device {a.device} is not usable here ({str(e).splitlines()[0]})")
+    device = T.usable_device(a.device)
     if os.path.splitext(a.out)[1].lower() not in (".mp4", ".gif", ".png"):
         T.die(f"--out {a.out!r} must end in .mp4, .gif or .png")
     if a.save_npy and not a.save_npy.endswith(".npy"):

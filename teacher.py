@@ -6,12 +6,15 @@
     python teacher.py --stage=base --actions=true        # the world model: one action per frame (DESIGN §3)
     torchrun --nproc_per_node=2 teacher.py --stage=base  # the same on N processes (DDP)
     torchrun --nproc_per_node=2 teacher.py --stage=base --parallel=fsdp  # FSDP2: every rank holds a shard
+    torchrun --nproc_per_node=8 teacher.py --stage=ar --model=wan2.1-1.3b --data=DATA \
+        --init=Wan2.1-T2V-1.3B-Diffusers/transformer --parallel=fsdp --checkpointing=true  # Wan scale (README)
 
 Stage 0 learns v = eps - x0 on whole clips (one t per clip, shifted sampling, ~10% empty prompts so
 that guidance works). Stage 1 starts from the base and sees [clean GT | noisy]: every noisy block
 attends to itself and to the clean frames of earlier blocks, gets its own t, and the loss is weighted
 by the bell w(t) (DESIGN §2). A run resumes from OUT/ckpt when it exists; `--export=STEM` ships the
-EMA weights as STEM.safetensors + STEM.json at the end.
+EMA weights as STEM.safetensors + STEM.json at the end. With --data (a latent data set from `python wan.py
+encode`) the clips are Wan VAE latents and the text is their umT5 context; --init may then be a Wan folder.
 """
 import os
 import sys
@@ -24,13 +27,15 @@ import data
 import eval as E
 import model as M
 import trainer as T
+import wan
 
 DEFAULTS = dict(
     stage="base",  # base | ar
     frames_per_block=1,  # ar only: 1 = frame-wise, 3 = chunk-wise
     model="toy",
+    data="",  # a latent data set (`python wan.py encode`): train --model (e.g. wan2.1-1.3b) on Wan latents
     actions=False,  # train on the action world: the model gets one action per frame (num_actions > 0)
-    init="checkpoints/base",  # ar only: the stage-0 checkpoint to start from
+    init="checkpoints/base",  # ar only: the stage-0 checkpoint to start from, or a Wan folder (its transformer/)
     out="",  # run folder (default runs/<stage>[_fw|_cw])
     export="",  # ship the EMA weights to this stem (e.g. checkpoints/base) when done
     steps=3000,
@@ -56,21 +61,21 @@ DEFAULTS = dict(
 )
 
 
-def make_batch(cfg, step, n_frames):
-    """The global batch of this step: clips, prompts, noise, timesteps and dropout, all from (seed, step)."""
+def make_batch(cfg, step, n_frames, latents=None):
+    """The global batch of this step: clips and their text (toy prompt ids, or with `latents` Wan latents and
+    umT5 contexts), noise, timesteps and dropout, all from (seed, step)."""
     g = T.step_generator(cfg["seed"], step)
     B = cfg["batch_size"]
-    clips = next(data.ClipStream(B, cfg["seed"], frames=n_frames, actions=cfg["actions"], start_batch=step))
-    x0, prompts = clips["video"], clips["prompts"]
+    x0, text, actions = data.ground_truth(step, B, cfg["seed"], n_frames, cfg["actions"], latents)
     drop = torch.rand(B, generator=g) < cfg["prompt_dropout"]
-    prompts = ["" if d else p for p, d in zip(prompts, drop)]
+    text = torch.where(drop.view(B, *[1] * (text.ndim - 1)), 0, text)  # the empty prompt: pad ids, a zero context
     noise = torch.randn(x0.shape, generator=g)
     if cfg["stage"] == "base":
         t = M.sample_t((B,), cfg["train_shift"], g)[:, None].expand(B, n_frames)
     else:  # one t per block, drawn independently
         fpb = cfg["frames_per_block"]
         t = M.sample_t((B, n_frames // fpb), cfg["train_shift"], g).repeat_interleave(fpb, dim=1)
-    return x0, data.tokenize(prompts), noise, t, clips.get("actions")  # prompts drop out, actions never do
+    return x0, text, noise, t, actions  # prompts drop out, actions never do
 
 
 def loss_fn(net, cfg, x0, tokens, noise, t, actions=None):
@@ -100,8 +105,6 @@ def main(argv):
     for key in ("steps", "batch_size", "ckpt_every", "log_every"):
         if cfg[key] <= 0:
             T.die(f"--{key} must be positive, got {cfg[key]}")
-    if cfg["parallel"] not in ("ddp", "fsdp"):
-        T.die(f"--parallel must be ddp or fsdp, got {cfg['parallel']!r}")
     if cfg["parallel"] == "fsdp" and cfg["eval_every"]:
         T.die("--eval_every samples on rank 0 from whole weights; under --parallel=fsdp they are sharded")
     if cfg["actions"] and cfg["eval_every"]:
@@ -112,8 +115,16 @@ def main(argv):
     cfg["weighting"] = cfg["weighting"] or ("uniform" if cfg["stage"] == "base" else "bell")
     if cfg["weighting"] not in ("uniform", "bell"):
         T.die(f"--weighting must be uniform or bell, got {cfg['weighting']!r}")
+    latents = None
+    if cfg["data"]:
+        if cfg["actions"] or cfg["eval_every"]:
+            T.die("--data trains on Wan latents: --actions (the toy world model) and --eval_every (toy-VBench, "
+                  "which judges Bouncing Shapes pixels) do not apply")
+        latents = data.LatentStream(cfg["data"], cfg["batch_size"], cfg["seed"])
+        latents.check(mcfg, f"--model {cfg['model']}")
     suffix = "" if cfg["stage"] == "base" else ("_fw" if cfg["frames_per_block"] == 1 else f"_b{cfg['frames_per_block']}")
-    out = cfg["out"] or os.path.join("runs", cfg["stage"] + suffix + ("_world" if cfg["actions"] else ""))
+    suffix += "_world" if cfg["actions"] else "_latents" if latents else ""
+    out = cfg["out"] or os.path.join("runs", cfg["stage"] + suffix)
     ckpt = os.path.join(out, "ckpt")
 
     rank, world, device = T.setup_distributed()
@@ -122,25 +133,22 @@ def main(argv):
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
     net = M.build(mcfg).to(device)
     if cfg["stage"] == "ar" and not T.has_checkpoint(out):
-        init, meta = T.load_model(cfg["init"], device)
-        if M.config_from_dict(meta["config"]) != mcfg:
-            T.die(f"--init {cfg['init']} was trained with another model config")
+        init, _ = wan.load_dit(cfg["init"])  # on the CPU, and dropped once copied: 5.7 GB at 1.3B
+        if init.cfg != mcfg:
+            T.die(f"--init {cfg['init']} was trained with another model config than --model {cfg['model']}")
         net.load_state_dict(init.state_dict())
-    if cfg["checkpointing"]:
-        T.checkpoint_blocks(net)
-    if cfg["parallel"] == "fsdp":  # before the EMA and the optimizer are made, so that they hold shards too
-        net = T.wrap_fsdp(net, device)
+        del init
+    net, ddp = T.parallelize(net, cfg["parallel"], device, cfg["checkpointing"])  # before the EMA and optimizer
     ema = T.EMA(net, cfg["ema"])
     opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], betas=(0.9, 0.99), weight_decay=cfg["weight_decay"])
     run = T.Run(out, cfg["steps"], {"kind": "train_" + cfg["stage"], "config": asdict(mcfg), "train": cfg},
                 modules={"model": net}, emas={"model": ema}, optimizers={"model": opt}, rank=rank, world=world,
                 log_every=cfg["log_every"])
-    ddp = T.wrap_ddp(net, device) if cfg["parallel"] == "ddp" else net
     local = T.local_slice(cfg["batch_size"], rank, world)
 
     net.train()
     for step in range(run.start, cfg["steps"]):
-        batch = make_batch(cfg, step, n_frames)
+        batch = make_batch(cfg, step, n_frames, latents)
         x0, tokens, noise, t, actions = (u if u is None else u[local].to(device) for u in batch)
         with T.autocast(device, cfg["bf16"]):
             loss = loss_fn(ddp, cfg, x0, tokens, noise, t, actions)

@@ -75,6 +75,16 @@ def setup_distributed():
     return rank, world, torch.device("cpu")
 
 
+def usable_device(name):
+    """torch.device(name), or exit 2 with one line when this machine cannot use it."""
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        die(f"--device {name} is not usable here ({str(e).splitlines()[0]})")
+    return device
+
+
 def wrap_ddp(module, device):
     if dist.is_initialized() and dist.get_world_size() > 1:
         return torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
@@ -103,6 +113,20 @@ def checkpoint_blocks(module):
     for block in module.blocks:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
     return module
+
+
+def parallelize(net, parallel, device, checkpointing=False):
+    """A trainable network under --checkpointing and --parallel (ddp | fsdp) -> (net, forward): `net` is what
+    the EMA, the optimizer and the checkpoint hold (FSDP2 shards it in place), `forward` what the training
+    forward calls (its DDP wrapper, or net itself). Call it before the EMA and the optimizer are made."""
+    if parallel not in ("ddp", "fsdp"):
+        die(f"--parallel must be ddp or fsdp, got {parallel!r}")
+    if checkpointing:
+        checkpoint_blocks(net)
+    if parallel == "fsdp":
+        net = wrap_fsdp(net, device)
+        return net, net
+    return net, wrap_ddp(net, device)
 
 
 def full(tensor):
@@ -156,7 +180,8 @@ class EMA:
             self.shadow[k].lerp_(v.detach().float(), 1 - d)
 
     def copy_to(self, module):
-        module.load_state_dict({k: v.to(module.state_dict()[k].dtype) for k, v in self.shadow.items()})
+        own = module.state_dict()  # once: causal CD copies every step, and an FSDP2 state_dict runs hooks
+        module.load_state_dict({k: v.to(own[k].dtype) for k, v in self.shadow.items()})
 
 
 # ----------------------------------------------------------------------------------------------------

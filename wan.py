@@ -1,6 +1,7 @@
 """The Wan scale: umT5 text, the Wan VAE and a Wan2.1-size causal DiT, streamed frame by frame.
 
     python wan.py convert framewise-2step.pt checkpoints/wan_cfpp_2step.safetensors --ema   # once per release
+    python wan.py encode --wan-dir Wan2.1-T2V-1.3B-Diffusers --videos clips/ --out data/wan  # training latents
     python sample.py --model wan2.1-1.3b --wan-dir Wan2.1-T2V-1.3B-Diffusers \\
         --ckpt checkpoints/wan_cfpp_2step.safetensors --prompt "a corgi runs on a beach"
 
@@ -16,6 +17,7 @@ sampling never unpickles anything.
 """
 import argparse
 import html
+import json
 import math
 import os
 import pickle
@@ -25,6 +27,10 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
 
 import data
 import model as M
@@ -32,6 +38,7 @@ import rollout
 import trainer as T
 
 FPS = 16  # Wan's sample_fps
+TEXT_LEN = 512  # umT5 tokens per prompt, zero-padded past the prompt's own
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -47,22 +54,34 @@ class TextEncoder:
     """umT5-XXL: prompts -> context [B, 512, 4096]. Wan encodes 512 padded tokens, keeps the prompt's own
     (its tokens and </s>) and zero-pads back to 512; zeroing the padded rows is the same thing."""
 
-    def __init__(self, tokenizer, encoder, max_length=512):
+    def __init__(self, tokenizer, encoder, max_length=TEXT_LEN):
         self.tokenizer, self.encoder, self.max_length = tokenizer, encoder, max_length
 
-    @torch.no_grad()
     def __call__(self, prompts):
+        return self.encode(prompts)[0]
+
+    @torch.no_grad()
+    def encode(self, prompts):
+        """-> (context [B, 512, D] float32, lengths [B]: each prompt's real rows, the rest being zeros)."""
         device = next(self.encoder.parameters()).device
         batch = self.tokenizer([clean_prompt(p) for p in prompts], padding="max_length", max_length=self.max_length,
                                truncation=True, add_special_tokens=True, return_attention_mask=True,
                                return_tensors="pt")
         ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
         h = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        return (h * mask[..., None]).float()
+        return (h * mask[..., None]).float(), batch.attention_mask.sum(1)
 
 
-def load_text_encoder(folder, device="cpu", dtype=torch.float32):
+def check_wan_dir(folder):
+    for sub in ("tokenizer", "text_encoder", "vae"):
+        if not os.path.isdir(os.path.join(folder, sub)):
+            T.die(f"--wan-dir {folder} has no {sub}/ (the diffusers layout of Wan2.1-T2V-1.3B-Diffusers)")
+
+
+def load_text_encoder(folder, device="cpu"):
+    """umT5 in bf16 on CUDA (Wan's own choice; 11 GB for XXL), else fp32."""
     from transformers import AutoTokenizer, UMT5EncoderModel
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
     encoder = UMT5EncoderModel.from_pretrained(os.path.join(folder, "text_encoder"), dtype=dtype)
     return TextEncoder(tokenizer, encoder.to(device).eval())
@@ -138,7 +157,10 @@ def load_dit(source, device="cpu"):
     """(model, meta) from a converted checkpoint (NAME.safetensors + NAME.json) or a Wan folder (official or
     diffusers `transformer/`: the bidirectional base)."""
     if os.path.isdir(source):
-        return M.from_pretrained(source, device=device).eval(), {"kind": "base"}
+        try:
+            return M.from_pretrained(source, device=device).eval(), {"kind": "base"}
+        except (OSError, KeyError, TypeError, ValueError) as e:  # no config.json / weights, or other shapes
+            T.die(f"{source} is not a Wan DiT folder ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
     stem = source[: -len(".safetensors")] if source.endswith(".safetensors") else source
     return T.load_model(stem, device)
 
@@ -167,9 +189,7 @@ def load_generator(a, device):
     """sample.py's Wan path: check the flags, then load the few-step student of the preset's architecture."""
     if not (a.wan_dir and a.ckpt):
         T.die(f"--model {a.model} needs --wan-dir (umT5 + VAE) and --ckpt (a student from `python wan.py convert`)")
-    for sub in ("tokenizer", "text_encoder", "vae"):
-        if not os.path.isdir(os.path.join(a.wan_dir, sub)):
-            T.die(f"--wan-dir {a.wan_dir} has no {sub}/ (the diffusers layout of Wan2.1-T2V-1.3B-Diffusers)")
+    check_wan_dir(a.wan_dir)
     if a.bench or a.first_frame or a.actions:
         T.die("--bench, --compare, --first-frame and --actions are toy-path flags")
     if a.guidance not in (None, 1.0):
@@ -190,8 +210,7 @@ def write_videos(a, dit, prompts, p, device):
     """sample.py's Wan path: encode the prompts, stream each video into its mp4 as it is decoded."""
     import imageio.v2 as imageio
     cfg = dit.cfg
-    half = torch.bfloat16 if device.type == "cuda" else torch.float32
-    text = load_text_encoder(a.wan_dir, device, half)
+    text = load_text_encoder(a.wan_dir, device)
     context = text(prompts)
     del text  # umT5-XXL is 11 GB in bf16: gone before the DiT runs
     vae = load_vae(a.wan_dir, device)
@@ -218,6 +237,102 @@ def write_videos(a, dit, prompts, p, device):
     if a.save_npy:
         np.save(a.save_npy, video)
         print(f"wrote {a.save_npy} {tuple(video.shape)}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the latent data set (its format and reader: data.LatentStream)
+
+
+def read_video(path, frames, height, width):
+    """The first `frames` frames of a video, each scaled (antialiased bilinear) to cover height x width and
+    centre-cropped: [3, frames, height, width] in [-1, 1]."""
+    import imageio.v2 as imageio
+
+    def fit(frame):
+        x = torch.from_numpy(np.ascontiguousarray(frame[..., :3])).permute(2, 0, 1)[None].float() / 127.5 - 1
+        h, w = x.shape[2:]
+        scale = max(height / h, width / w)
+        size = (max(height, round(h * scale)), max(width, round(w * scale)))
+        x = F.interpolate(x, size=size, mode="bilinear", antialias=True) if size != (h, w) else x
+        top, left = (size[0] - height) // 2, (size[1] - width) // 2
+        return x[0, :, top:top + height, left:left + width].clamp(-1, 1)
+
+    try:
+        with imageio.get_reader(path) as reader:
+            clip = [fit(frame) for _, frame in zip(range(frames), reader)]
+    except Exception as e:  # imageio and ffmpeg raise several types on a damaged or foreign file
+        T.die(f"{path} cannot be read as a video ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+    if len(clip) < frames:
+        T.die(f"{path} has {len(clip)} frames; --frames {frames} takes the first {frames}")
+    return torch.stack(clip, dim=1)
+
+
+def encode(wan_dir, videos, out, frames, height, width, shard_size, device):
+    """FOLDER/NAME.mp4 + NAME.txt -> the latent data set DATA (format: data.LatentStream). Shard i holds the
+    clips i*shard_size ... of the videos sorted by name. Each shard is written atomically with its clips' names
+    and the sizes in its metadata, so a re-run skips the shards already there (and refuses shards of other
+    videos or sizes); index.json, written last, marks the set complete."""
+    if frames < 1 or (frames - 1) % 4:
+        T.die(f"--frames must be 4n + 1 (the VAE is 4x in time: 4n + 1 frames give n + 1 latents), got {frames}")
+    if min(height, width) <= 0 or height % 16 or width % 16:
+        T.die(f"--height and --width must be positive multiples of 16 (the VAE's 8x, then the DiT's 2x2 patches), "
+              f"got {height}x{width}")
+    if shard_size < 1:
+        T.die(f"--shard-size must be positive, got {shard_size}")
+    check_wan_dir(wan_dir)
+    device = T.usable_device(device)
+    if not os.path.isdir(videos):
+        T.die(f"--videos {videos} is not a folder")
+    stems = sorted(name[:-len(".mp4")] for name in os.listdir(videos) if name.endswith(".mp4"))
+    if not stems:
+        T.die(f"--videos {videos} holds no .mp4 files")
+    prompts = {}
+    for stem in stems:
+        try:
+            with open(os.path.join(videos, stem + ".txt"), encoding="utf-8") as f:
+                prompts[stem] = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            T.die(f"{os.path.join(videos, stem)}.mp4 needs its prompt in {stem}.txt beside it ({type(e).__name__})")
+    shards = [stems[i:i + shard_size] for i in range(0, len(stems), shard_size)]
+    path = lambda i: os.path.join(out, data.LATENT_SHARD.format(i))
+    sizes = json.dumps({"frames": frames, "height": height, "width": width})
+    todo = []
+    for i, names in enumerate(shards):
+        if not os.path.exists(path(i)):
+            todo.append(i)
+            continue
+        try:
+            with safe_open(path(i), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:  # safetensors raises several types on a damaged file
+            T.die(f"{path(i)} is not a safetensors shard ({type(e).__name__}); delete it to encode it again")
+        if (meta.get("clips"), meta.get("sizes")) != (json.dumps(names), sizes):
+            T.die(f"{path(i)} holds other clips or sizes than this run would write there; delete {out} or pass "
+                  "another --out (the same --videos, sizes and --shard-size resume)")
+    if todo:
+        text, vae = load_text_encoder(wan_dir, device), load_vae(wan_dir, device)
+        os.makedirs(out, exist_ok=True)
+    bar = tqdm(total=sum(len(shards[i]) for i in todo), desc="encoding", disable=not todo, dynamic_ncols=True)
+    for i in todo:
+        latents, contexts, lengths = [], [], []
+        for stem in shards[i]:
+            clip = read_video(os.path.join(videos, stem + ".mp4"), frames, height, width)
+            latents.append(vae.encode(clip[None].to(device)).to(torch.bfloat16).cpu())
+            context, n = text.encode([prompts[stem]])
+            contexts.append(context[0, :n[0]].to(torch.bfloat16).cpu())  # the rest is zeros: re-padded on load
+            lengths.append(n[0].cpu())
+            bar.update(1)
+        tensors = {"latents": torch.cat(latents), "context": torch.cat(contexts), "lengths": torch.stack(lengths)}
+        T.atomic_write(path(i), lambda p: save_file(tensors, p, metadata={"clips": json.dumps(shards[i]), "sizes": sizes}))
+    bar.close()
+    with safe_open(path(0), "pt") as f:
+        shape, dim = f.get_slice("latents").get_shape()[1:], f.get_slice("context").get_shape()[1]
+    index = {"latent_shape": shape, "text_dim": dim, "text_len": TEXT_LEN, "shards": [len(s) for s in shards],
+             "frames": frames, "height": height, "width": width,
+             "videos": os.path.abspath(videos), "wan_dir": os.path.abspath(wan_dir)}
+    T.atomic_write(os.path.join(out, data.LATENT_INDEX), lambda p: open(p, "w").write(json.dumps(index, indent=1) + "\n"))
+    print(f"wrote {out}: {len(stems)} clips in {len(shards)} shards ({len(todo)} new), latents {shape}, "
+          f"contexts of {dim}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -268,7 +383,20 @@ def main(argv=None):
     c.add_argument("--frames-per-block", type=int, default=1, help="the sampler stored in the JSON: 1 frame-wise, 3 chunk-wise")
     c.add_argument("--steps", type=int, default=2, help="denoising steps per block (CF++ 2 or 1, CF/SF 4)")
     c.add_argument("--first-block-steps", type=int, default=4, help="frame 0's steps (frame-wise CF++: 4; 0: as --steps)")
+    e = sub.add_parser("encode", help="FOLDER/*.mp4 + their .txt prompts -> a latent data set (safetensors shards)")
+    e.error = p.error
+    e.add_argument("--wan-dir", required=True, help="the diffusers Wan2.1 folder: its vae/, tokenizer/ and text_encoder/")
+    e.add_argument("--videos", required=True, help="a folder of NAME.mp4, each with its prompt in NAME.txt")
+    e.add_argument("--out", required=True, help="the data set folder DATA (an interrupted run resumes there)")
+    e.add_argument("--frames", type=int, default=81, help="the first 4n + 1 frames of each video (81 -> 21 latents)")
+    e.add_argument("--height", type=int, default=480, help="frames are scaled to cover HxW, then centre-cropped")
+    e.add_argument("--width", type=int, default=832)
+    e.add_argument("--shard-size", type=int, default=256, help="clips per shard (256: ~1 GB of latents at 81x480x832)")
+    e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
+    if a.command == "encode":
+        encode(a.wan_dir, a.videos, a.out, a.frames, a.height, a.width, a.shard_size, a.device)
+        return
     if min(a.frames_per_block, a.steps) <= 0 or a.first_block_steps < 0:
         T.die("--frames-per-block and --steps must be positive, --first-block-steps not negative")
     convert(a.src, a.dst, a.ema, a.frames_per_block, a.steps, a.first_block_steps)

@@ -1,8 +1,10 @@
 """The Wan-scale path with tiny random models of the real classes (umT5, AutoencoderKLWan, our DiT) in the
 diffusers folder layout: the VAE's frame pattern and streaming decode, umT5's zero padding, released
-checkpoints converted without unpickling code, sample.py --model wan2.1-1.3b end to end, and FSDP2."""
+checkpoints converted without unpickling code, sample.py --model wan2.1-1.3b end to end, FSDP2, and the latent
+data set: `wan.py encode`, data.LatentStream and the three stages trained on it."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict, replace
@@ -11,7 +13,11 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+import causal_cd
+import data
+import dmd
 import model as M
 import rollout
 import sample
@@ -216,3 +222,226 @@ def test_fsdp2_two_ranks_train_and_resume_exactly_as_one_process(tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-5), k
     losses = lambda run: [json.loads(line)["loss"] for line in open(tmp_path / run / "log.jsonl")]
     assert losses("two") == pytest.approx(losses("one"), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the latent data set and the stages on it
+
+PROMPTS = {"a": "a corgi runs", "b": "the beach at sunset", "c": "a corgi on the beach"}  # 4, 5, 6 umT5 rows
+ENCODE = ["--frames", "9", "--height", "32", "--width", "32", "--device", "cpu", "--shard-size", "2"]  # DIT's 3x4x4
+
+
+def encode(wan_dir, videos, out, *flags):
+    wan.main(["encode", "--wan-dir", str(wan_dir), "--videos", str(videos), "--out", str(out), *(flags or ENCODE)])
+
+
+@pytest.fixture(scope="module")
+def latent_set(wan_dir, tmp_path_factory):
+    """clips/: three mp4s of three sizes (10-12 frames) with their prompts; data/: them encoded, 2 + 1 clips."""
+    root = tmp_path_factory.mktemp("latents")
+    (root / "clips").mkdir()
+    for (name, prompt), (h, w, n) in zip(PROMPTS.items(), ((48, 64, 10), (32, 32, 9), (64, 48, 12))):
+        y, x = np.mgrid[:h, :w]
+        video = [np.stack([(4 * x + 9 * t) % 256, 4 * y % 256, np.full_like(x, 20 * t)], -1) for t in range(n)]
+        imageio.mimwrite(root / "clips" / f"{name}.mp4", np.array(video, np.uint8), fps=16)
+        (root / "clips" / f"{name}.txt").write_text(prompt + "\n")
+    encode(wan_dir, root / "clips", root / "data")
+    return root
+
+
+def one_line_exit_2(capsys, call, message):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        call()
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err and err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_read_video_scales_crops_and_takes_the_first_frames(tmp_path):
+    wide = np.zeros((6, 32, 64, 3), np.uint8)  # red | grey 40 t | green: the crop keeps only the grey middle
+    wide[:, :, :16, 0], wide[:, :, 48:, 1] = 255, 255
+    wide[:, :, 16:48] = (40 * np.arange(6))[:, None, None, None]
+    imageio.mimwrite(tmp_path / "wide.mp4", wide, fps=16)
+    clip = wan.read_video(str(tmp_path / "wide.mp4"), 5, 32, 32)
+    assert clip.shape == (3, 5, 32, 32)
+    grey = torch.tensor(40 * np.arange(5) / 127.5 - 1, dtype=torch.float32).view(1, 5, 1, 1)
+    assert (clip - grey).abs().max() < 0.1  # no red or green left, frames in order
+    tall = np.zeros((1, 64, 64, 3), np.uint8)
+    tall[:, :32] = 255  # scaled by 1/2: the top half white, the bottom black
+    imageio.mimwrite(tmp_path / "big.mp4", tall, fps=16)
+    clip = wan.read_video(str(tmp_path / "big.mp4"), 1, 32, 32)
+    assert clip.shape == (3, 1, 32, 32) and clip[:, :, :14].min() > 0.9 and clip[:, :, 18:].max() < -0.9
+
+
+def test_encode_writes_shards_of_latents_and_real_umt5_rows(wan_dir, latent_set):
+    folder = latent_set / "data"
+    assert sorted(os.listdir(folder)) == ["index.json", "shard_00000.safetensors", "shard_00001.safetensors"]
+    index = json.load(open(folder / "index.json"))
+    assert (index["latent_shape"], index["text_dim"], index["text_len"], index["shards"]) == ([4, 3, 4, 4], 32, 512, [2, 1])
+    assert index["videos"] == str(latent_set / "clips") and index["wan_dir"] == str(wan_dir)
+    shards = [load_file(folder / f"shard_0000{i}.safetensors") for i in (0, 1)]
+    assert [s["lengths"].tolist() for s in shards] == [[4, 5], [6]]  # words + </s>: the rows stored, no padding
+    assert [s["context"].shape for s in shards] == [(9, 32), (6, 32)] and shards[0]["latents"].dtype == torch.bfloat16
+    vae = wan.load_vae(str(wan_dir))
+    for j, name in enumerate(PROMPTS):  # sorted by name: a, b in shard 0, c in shard 1
+        z = vae.encode(wan.read_video(str(latent_set / "clips" / f"{name}.mp4"), 9, 32, 32)[None])
+        assert torch.equal(shards[j // 2]["latents"][j % 2], z[0].bfloat16()), name
+    context, lengths = wan.load_text_encoder(str(wan_dir)).encode(list(PROMPTS.values()))
+    got = data.LatentStream(str(folder), 3).contexts([0, 1, 2])  # re-padded to 512 rows, float32
+    assert got.shape == (3, 512, 32) and got.dtype == torch.float32
+    torch.testing.assert_close(got, context, atol=1e-2, rtol=1e-2)  # bf16 storage
+    for row, n in zip(got, lengths.tolist()):
+        assert row[:n].abs().min() > 0 and (row[n:] == 0).all()
+
+
+def test_encode_resumes_at_the_missing_shards(wan_dir, latent_set, tmp_path, monkeypatch, capsys):
+    folder = latent_set / "data"
+    done, redo = folder / "shard_00000.safetensors", folder / "shard_00001.safetensors"
+    stamp, before = done.stat().st_mtime_ns, load_file(redo)
+    redo.unlink()
+    (folder / "index.json").unlink()
+    calls, real_encode = [], wan.VAE.encode
+    monkeypatch.setattr(wan.VAE, "encode", lambda self, video: calls.append(1) or real_encode(self, video))
+    encode(wan_dir, latent_set / "clips", folder)
+    assert len(calls) == 1 and done.stat().st_mtime_ns == stamp  # only shard 1's clip was encoded
+    assert all(torch.equal(v, before[k]) for k, v in load_file(redo).items()) and (folder / "index.json").exists()
+    monkeypatch.setattr(wan, "load_vae", lambda *a: pytest.fail("nothing to encode, yet the VAE was loaded"))
+    encode(wan_dir, latent_set / "clips", folder)  # all done: rewrites the index only
+    one_line_exit_2(capsys, lambda: encode(wan_dir, latent_set / "clips", folder, *ENCODE[:-1], "3"), "other clips or sizes")
+
+
+def test_encode_bad_input_is_one_line(wan_dir, latent_set, tmp_path, capsys):
+    clips = latent_set / "clips"
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "mute").mkdir()
+    shutil.copy(clips / "a.mp4", tmp_path / "mute" / "a.mp4")
+    out = tmp_path / "out"
+    cases = [((clips, "--frames", "8"), "4n + 1"), ((clips, "--height", "40"), "multiples of 16"),
+             ((clips, "--shard-size", "0"), "--shard-size"), ((tmp_path / "empty",), "no .mp4"),
+             ((tmp_path / "mute",), "needs its prompt in a.txt")]
+    for (videos, *flags), message in cases:
+        one_line_exit_2(capsys, lambda: encode(wan_dir, videos, out, *ENCODE, *flags), message)
+    with pytest.raises(SystemExit) as stop:  # found mid-run, after the models' and the progress bar's output
+        encode(wan_dir, clips, out, *ENCODE, "--frames", "13")
+    assert stop.value.code == 2 and capsys.readouterr().err.endswith("a.mp4 has 10 frames; --frames 13 takes the first 13\n")
+    one_line_exit_2(capsys, lambda: encode(tmp_path, clips, out), "has no tokenizer/")
+    assert not (out / "index.json").exists()
+
+
+def test_latent_stream_is_deterministic_and_shuffles_whole_epochs(latent_set, tmp_path, capsys):
+    folder = str(latent_set / "data")
+    every = torch.cat([load_file(latent_set / "data" / f"shard_0000{i}.safetensors")["latents"] for i in (0, 1)]).float()
+    which = lambda video: [int(((every - v).abs().amax(dim=(1, 2, 3, 4)) == 0).nonzero()) for v in video]
+    stream = data.LatentStream(folder, 3, seed=1)
+    batches = [next(stream) for _ in range(4)]
+    orders = [which(b["video"]) for b in batches]
+    assert all(sorted(order) == [0, 1, 2] for order in orders) and len(set(map(tuple, orders))) > 1  # epochs
+    for b, order in zip(batches, orders):  # each clip comes with its own prompt
+        assert b["video"].dtype == torch.float32 and torch.equal(b["context"], stream.contexts(order))
+    resumed = next(data.LatentStream(folder, 3, seed=1, start_batch=2))
+    assert torch.equal(resumed["video"], batches[2]["video"]) and torch.equal(resumed["context"], batches[2]["context"])
+    other = data.LatentStream(folder, 3, seed=2)
+    assert [which(next(other)["video"]) for _ in range(4)] != orders
+    pairs = data.LatentStream(folder, 2, seed=1)  # batches across the epoch boundary: the same sequence
+    assert sum((which(next(pairs)["video"]) for _ in range(6)), []) == sum(orders, [])
+
+    one_line_exit_2(capsys, lambda: data.LatentStream(str(tmp_path), 2), "no index.json")
+    shutil.copytree(folder, tmp_path / "bad")
+    json.dump({**json.load(open(tmp_path / "bad" / "index.json")), "shards": [2, 2]}, open(tmp_path / "bad" / "index.json", "w"))
+    one_line_exit_2(capsys, lambda: data.LatentStream(str(tmp_path / "bad"), 2), "disagree")
+    (tmp_path / "bad" / "shard_00001.safetensors").unlink()
+    one_line_exit_2(capsys, lambda: data.LatentStream(str(tmp_path / "bad"), 2), "not a readable latent data set")
+
+
+def wan_base(folder, seed):
+    """A tiny Wan DiT folder (config.json + diffusion_pytorch_model.safetensors), as --init / --real read it."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(asdict(DIT)))
+    state = {k[len("model."):]: v for k, v in tiny_release(seed).items()}
+    for k in ("text_embedding.0.weight", "text_embedding.2.weight"):  # a fresh 0.02 std barely hears the prompt:
+        state[k] = state[k] * 15  # DMD's guided real score would then hardly move G, and AdamW's first steps
+    save_file(state, folder / "diffusion_pytorch_model.safetensors")  # would amplify rounding (1 vs 2 ranks)
+    return str(folder)
+
+
+def torchrun(tmp_path, stage, *args):
+    """`torchrun --nproc_per_node=2 STAGE.py ARGS` with the 1.3B preset set to the tiny DiT in every rank."""
+    launcher = tmp_path / f"tiny_{stage}.py"
+    launcher.write_text(f"import sys\nimport model\nimport {stage}\nfrom model import Config\n"
+                        f"model.PRESETS['wan2.1-1.3b'] = {DIT!r}\n{stage}.main(sys.argv[1:])\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(launcher), *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def same_run(a, b):
+    """Two run folders hold the same checkpoint (weights, EMA, AdamW) and logged the same values."""
+    ta, _ = T.load_checkpoint(str(a / "ckpt"))
+    tb, _ = T.load_checkpoint(str(b / "ckpt"))
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.allclose(ta[k], tb[k], atol=1e-5), k
+    log = lambda run: [{k: v for k, v in json.loads(line).items() if k != "wall_s"} for line in open(run / "log.jsonl")]
+    assert log(a) == [pytest.approx(record, rel=1e-5) for record in log(b)] and len(log(a)) > 1
+
+
+@pytest.mark.slow
+def test_teacher_on_latents_trains_the_wan_preset_and_fsdp_matches_one_process(latent_set, tmp_path, monkeypatch):
+    monkeypatch.setitem(M.PRESETS, "wan2.1-1.3b", DIT)
+    folder, base = str(latent_set / "data"), wan_base(tmp_path / "base", 4)
+    stream = data.LatentStream(folder, 2)
+    cfg = dict(teacher.DEFAULTS, stage="ar", batch_size=2, shift=5.0, train_shift=5.0, weighting="bell")
+    for step in (0, 1):  # the step's batch of the stream: latents with their own contexts
+        x0, text, _, _, _ = teacher.make_batch(dict(cfg, prompt_dropout=0.0), step, 3, stream)
+        assert torch.equal(x0, stream.at(step)["video"]) and torch.equal(text, stream.at(step)["context"])
+    assert (teacher.make_batch(dict(cfg, prompt_dropout=1.0), 0, 3, stream)[1] == 0).all()  # the empty prompt
+    args = ["--stage=ar", "--model=wan2.1-1.3b", f"--data={folder}", f"--init={base}", "--batch_size=2", "--steps=2",
+            "--log_every=1", "--bf16=false", "--warmup=2", "--prompt_dropout=0.5"]
+    teacher.main(args + [f"--out={tmp_path / 'one'}"])
+    first = teacher.loss_fn(wan.load_dit(base)[0], dict(cfg, prompt_dropout=0.5),
+                            *teacher.make_batch(dict(cfg, prompt_dropout=0.5), 0, 3, stream)[:4])
+    assert json.loads(open(tmp_path / "one" / "log.jsonl").readline())["loss"] == pytest.approx(first.item(), rel=1e-5)
+    torchrun(tmp_path, "teacher", *args, "--parallel=fsdp", "--checkpointing=true", f"--out={tmp_path / 'two'}")
+    same_run(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.slow
+def test_causal_cd_and_dmd_take_their_steps_on_latents(latent_set, tmp_path):
+    folder, stream = str(latent_set / "data"), data.LatentStream(str(latent_set / "data"), 2)
+    torch.manual_seed(5)
+    ar = str(tmp_path / "ar")
+    T.export(ar, wan.load_dit(wan_base(tmp_path / "base", 5))[0], {"kind": "ar_teacher", "config": asdict(DIT),
+                                                                    "frames_per_block": 1, "shift": DIT.shift})
+    b = causal_cd.make_batch(dict(causal_cd.DEFAULTS, batch_size=2), 0, slice(0, 2), 3, M.timesteps(48), None,
+                             latents=stream)
+    assert torch.equal(b["gt"], stream.at(0)["video"]) and torch.equal(b["tokens"], stream.at(0)["context"])
+    student = str(tmp_path / "student")
+    args = [f"--teacher={ar}", f"--data={folder}", "--steps=2", "--batch_size=2", "--bf16=false", "--log_every=1"]
+    causal_cd.main(args + [f"--out={tmp_path / 'cd'}", f"--export={student}"])
+    assert json.loads(open(tmp_path / "cd" / "log.jsonl").readline())["loss"] > 0
+    torchrun(tmp_path, "causal_cd", *args, "--parallel=fsdp", "--checkpointing=true", f"--out={tmp_path / 'cd2'}")
+    same_run(tmp_path / "cd", tmp_path / "cd2")
+
+    sched = dmd.schedule(1, 2, DIT.shift)
+    b = dmd.make_batch(dict(seed=0, batch_size=4), 0, 0, (4, 3, 4, 4), sched, DIT.shift, latents=stream)
+    every = stream.contexts([0, 1, 2])
+    assert all(any(torch.equal(row, c) for c in every) for row in b["tokens"])  # the set's prompts, at random
+    args = [f"--init={student}", f"--real={tmp_path / 'base'}", f"--data={folder}", "--steps=2", "--critic_updates=1",
+            "--batch_size=2", "--bf16=false", "--log_every=1"]
+    dmd.main(args + [f"--out={tmp_path / 'dmd'}"])
+    logged = json.loads(open(tmp_path / "dmd" / "log.jsonl").readline())
+    assert logged["gen_grad_norm"] > 0 and logged["critic_loss"] > 0  # both networks took their step
+    torchrun(tmp_path, "dmd", *args, "--parallel=fsdp", "--checkpointing=true", f"--out={tmp_path / 'dmd2'}")
+    same_run(tmp_path / "dmd", tmp_path / "dmd2")
+
+
+def test_stages_refuse_latents_that_do_not_fit(latent_set, tmp_path, monkeypatch, capsys):
+    folder = str(latent_set / "data")
+    monkeypatch.setitem(M.PRESETS, "wan2.1-1.3b", replace(DIT, frames=5))
+    run = lambda *args: lambda: teacher.main([f"--data={folder}", f"--out={tmp_path / 'x'}", *args])
+    one_line_exit_2(capsys, run("--model=toy-tiny"), "toy-world model")
+    one_line_exit_2(capsys, run("--model=wan2.1-1.3b"), "takes latents [4, 5, 4, 4]")
+    one_line_exit_2(capsys, run("--model=wan2.1-1.3b", "--eval_every=2"), "do not apply")
+    one_line_exit_2(capsys, lambda: teacher.main([f"--data={tmp_path}", "--model=wan2.1-1.3b"]), "no index.json")
+    one_line_exit_2(capsys, lambda: causal_cd.main([f"--data={folder}", "--method=ode"]), "--method=cd")
