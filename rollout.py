@@ -36,16 +36,25 @@ def velocity(model, x, t, ctx, guidance, **kw):
 
 
 @torch.no_grad()
-def sample_bidirectional(model, tokens, noise, steps=48, guidance=3.0, shift=None, actions=None):
-    """All frames at once: Euler along the shifted grid from t = 1000 to 0 (actions [B, F]: a world model's)."""
+def sample_bidirectional(model, tokens, noise, steps=48, guidance=3.0, shift=None, actions=None, solver="euler",
+                         generator=None):
+    """All frames at once along the shifted grid from t = 1000 to 0 (actions [B, F]: a world model's).
+    solver "euler" follows the ODE; "consistency" takes x0 at every grid point and re-noises it with fresh
+    noise to the next one, which forgets the errors of earlier steps instead of carrying them along."""
     shift = shift or model.cfg.shift
     ctx = contexts(model, tokens, guidance)
     grid = torch.cat([M.timesteps(steps, shift), torch.zeros(1)]).tolist()
     x = noise
     B = x.shape[0]
     for t, t_next in zip(grid[:-1], grid[1:]):
-        v = velocity(model, x, torch.full((B,), t, device=x.device), ctx, guidance, actions=actions)
-        x = M.euler_step(x, v, t, t_next)
+        t_now = torch.full((B,), t, device=x.device)
+        v = velocity(model, x, t_now, ctx, guidance, actions=actions)
+        if solver == "euler":
+            x = M.euler_step(x, v, t, t_next)
+        else:
+            x0 = M.x0_from_v(x, v, t_now)
+            eps = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+            x = M.add_noise(x0, eps, torch.full((B,), t_next, device=x.device))
     return x
 
 

@@ -51,6 +51,8 @@ def parse_args(argv):
     p.add_argument("--num-frames", type=int, help="default: the trained length; longer uses the rolling window")
     p.add_argument("--steps", type=int, help="denoising steps per block (default: the checkpoint's)")
     p.add_argument("--frames-per-block", type=int, help="default: the checkpoint's")
+    p.add_argument("--solver", choices=("euler", "consistency"), help="euler: the ODE (teachers' default); "
+                   "consistency: x0 at every step, re-noised with fresh noise (students' default)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance (teachers; default 3)")
     p.add_argument("--window", type=int, help="rolling KV window in frames (default: the trained length "
                    "when --num-frames exceeds it)")
@@ -196,13 +198,13 @@ def plan(meta, a, cfg):
     guidance = a.guidance if a.guidance is not None else meta.get("guidance", 3.0 if teacher else 1.0)
     if teacher:
         steps = a.steps or 48
-        return dict(kind=kind, fpb=fpb, frames=n_frames, steps=steps, first=None, solver="euler",
+        return dict(kind=kind, fpb=fpb, frames=n_frames, steps=steps, first=None, solver=a.solver or "euler",
                     guidance=guidance, window=window, sink=a.sink if window else 0)
     steps = a.steps or count(meta, "steps_per_block")
     if steps is None:
         T.die("student checkpoint JSON has no steps_per_block")
     return dict(kind=kind, fpb=fpb, frames=n_frames, steps=steps, first=count(meta, "first_block_steps"),
-                solver="consistency", guidance=guidance, window=window, sink=a.sink if window else 0)
+                solver=a.solver or "consistency", guidance=guidance, window=window, sink=a.sink if window else 0)
 
 
 def blocks(model, tokens, p, seed, device, first_frame=None, actions=None):
@@ -215,7 +217,8 @@ def blocks(model, tokens, p, seed, device, first_frame=None, actions=None):
     tokens = tokens.to(device)
     actions = None if actions is None else actions.to(device)
     if p["kind"] == "base":
-        yield rollout.sample_bidirectional(model, tokens, noise, p["steps"], p["guidance"], actions=actions)
+        yield rollout.sample_bidirectional(model, tokens, noise, p["steps"], p["guidance"], actions=actions,
+                                           solver=p["solver"], generator=g)
         return
     context = None
     if first_frame is not None:

@@ -105,6 +105,27 @@ def test_teachers_still_sample(ck, tmp_path):
         assert np.load(npy).shape == (2, 6, 32, 32, 3)
 
 
+def test_consistency_solver_re_noises_the_teachers_x0_with_fresh_noise(ck, tmp_path):
+    """--solver consistency on the base: x0 at each grid point, then fresh noise to the next (by hand here)."""
+    model, _ = T.load_model(ck["base"])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, CFG.frames, 32, 32, generator=g)
+    tokens, grid = data.tokenize(["red circle"]), M.timesteps(3, CFG.shift).tolist() + [0.0]
+    ctx = rollout.contexts(model, tokens, 3.0)
+    with torch.no_grad():
+        for t, t_next in zip(grid[:-1], grid[1:]):
+            x0 = M.x0_from_v(x, rollout.velocity(model, x, torch.tensor([t]), ctx, 3.0), torch.tensor([t]))
+            x = M.add_noise(x0, torch.randn(x.shape, generator=g), torch.tensor([t_next]))
+    videos = {}
+    for solver in ("euler", "consistency"):
+        npy = tmp_path / f"{solver}.npy"
+        sample.main(["--ckpt", ck["base"], "--steps=3", f"--solver={solver}", f"--out={tmp_path / 'b.png'}",
+                     f"--save-npy={npy}"])
+        videos[solver] = np.load(npy)
+    assert np.abs(videos["consistency"].astype(int) - data.to_uint8(x).astype(int)).max() <= 1
+    assert np.abs(videos["consistency"].astype(int) - videos["euler"].astype(int)).max() > 10
+
+
 def last_json(capsys):
     out = capsys.readouterr().out.strip().split("\n")
     return json.loads(out[-1])
