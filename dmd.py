@@ -60,7 +60,7 @@ DEFAULTS = dict(
     log_every=5,
     device="",
     parallel="ddp",  # ddp | fsdp (FSDP2: G, the critic, the EMA and both optimizer states sharded over the ranks)
-    checkpointing=False,  # the critic's blocks only: G's KV-cached rollout forwards cannot be recomputed (README)
+    checkpointing=False,  # the critic's blocks and those of G's exit-step forwards (rollout.Frozen)
 )
 
 
@@ -177,7 +177,7 @@ def main(argv):
         latents.check(real.cfg, f"--real {cfg['real']}")
     name = os.path.basename(cfg["export"]) or f"b{sched['frames_per_block']}_s{sched['steps_per_block']}"
     out = cfg["out"] or os.path.join("runs", "dmd_" + name)
-    gen, gen_ddp = T.parallelize(gen, cfg["parallel"], device)  # before the EMAs and optimizers are made
+    gen, gen_ddp = T.parallelize(gen, cfg["parallel"], device, cfg["checkpointing"])  # before the EMA and optimizers
     critic, critic_ddp = T.parallelize(critic, cfg["parallel"], device, cfg["checkpointing"])
     ema = T.EMA(gen, cfg["ema"])
     adamw = lambda net, lr: torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.0, 0.999),

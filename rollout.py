@@ -58,28 +58,40 @@ def sample_bidirectional(model, tokens, noise, steps=48, guidance=3.0, shift=Non
     return x
 
 
-class Cache(M.KVCache):
-    """The model's KV cache, made safe for the training rollout's exit step, a forward that carries
-    gradient. Later no-grad passes overwrite the cache buffers in place, which would invalidate that
-    forward's backward if it had attended to them directly; so under grad the block attends to
-    [committed K/V | its own K/V] built by concatenation, and recomputes the text K/V (those cached by a
-    no-grad pass would cut the text path out of the gradient; a few tokens, cheap next to the video's).
-    Without grad this is exactly the model's cache."""
+class Frozen:
+    """What a forward that carries gradient (the training rollout's exit step) sees of the KV cache: the
+    history as it stands when that forward starts, held fixed, and nothing written. Later no-grad passes
+    write the cache in place and commit more frames; a block recomputed in the backward (activation
+    checkpointing) reads this view instead, so it attends to exactly the K/V the forward saw, and the
+    backward never needs a buffer that was overwritten. The text K/V are recomputed: those cached by a
+    no-grad pass would cut the text path out of the gradient (a few tokens, cheap next to the video's)."""
+
+    def __init__(self, cache):
+        self.cache, self.next_frame = cache, cache.next_frame
+
+    def make_room(self, num_frames):
+        """model.forward calls this once, before its blocks (a recompute does not): evict, then fix the view.
+        It slices the preallocated buffers, which later commits only write behind the committed frames; a
+        rolling window's eviction shifts frames in place, so there the view is a copy."""
+        c = self.cache
+        c.make_room(num_frames)
+
+        def fixed(buf):
+            if buf is None:  # nothing written yet
+                return None
+            part = buf[:, :c.length * (buf.shape[1] // c.capacity)]
+            return part.clone() if c.rolling else part
+
+        self.k, self.v = [fixed(b) for b in c.k], [fixed(b) for b in c.v]
 
     def attend(self, layer, k, v, tokens_per_frame):
-        ck, cv = super().attend(layer, k.detach(), v.detach(), tokens_per_frame)
-        if not torch.is_grad_enabled():
-            return ck, cv
-        n = ck.shape[1] - k.shape[1]
-        return torch.cat([ck[:, :n], k], 1), torch.cat([cv[:, :n], v], 1)
+        if self.k[layer] is None:
+            return k, v
+        return torch.cat([self.k[layer], k], 1), torch.cat([self.v[layer], v], 1)
 
     @property
-    def text(self):
-        return [None] * len(self._text) if torch.is_grad_enabled() else self._text
-
-    @text.setter
-    def text(self, value):
-        self._text = value
+    def text(self):  # a fresh list: what CrossAttention stores in it is dropped
+        return [None] * len(self.cache.text)
 
 
 def commit(model, x0, ctx, cache, actions=None):
@@ -128,7 +140,7 @@ def stream(model, tokens, noise, frames_per_block, steps, solver="consistency", 
     with torch.set_grad_enabled(grad):
         ctx = contexts(net, tokens, guidance)
     given = 0 if context is None else context.shape[2]
-    cache = Cache(net.cfg.num_layers, max(given + n_frames, net.cfg.frames), window, sink)
+    cache = M.KVCache(net.cfg.num_layers, max(given + n_frames, net.cfg.frames), window, sink)
     if context is not None:
         commit(model, context, ctx, cache, acts(0, given))
     for start in range(0, n_frames, frames_per_block):
@@ -158,8 +170,10 @@ def denoise_block(model, x, ts, ctx, cache, solver, guidance, fresh, exit_step=N
     last = len(ts) - 1 if exit_step is None else exit_step
     for i, t in enumerate(ts[:last + 1]):
         t_now = torch.full((B, n), t, device=x.device)
-        with torch.set_grad_enabled(grad and i == last):
-            x0 = M.x0_from_v(x, velocity(model, x, t_now, ctx, guidance, kv_cache=cache, actions=actions), t_now)
+        with_grad = grad and i == last
+        with torch.set_grad_enabled(with_grad):
+            kv = Frozen(cache) if with_grad else cache
+            x0 = M.x0_from_v(x, velocity(model, x, t_now, ctx, guidance, kv_cache=kv, actions=actions), t_now)
         if i < last:  # re-noise with fresh noise, not an ODE step
             x = M.add_noise(x0, fresh(x), torch.full((B, n), ts[i + 1], device=x.device))
     return x0

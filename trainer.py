@@ -108,7 +108,8 @@ def wrap_fsdp(module, device):
 
 def checkpoint_blocks(module):
     """Activation checkpointing: each block's activations are recomputed in the backward instead of stored.
-    Training forwards only: a KV-cached forward would write its cache again when recomputed."""
+    A forward without grad is never recomputed. A KV-cached forward with grad must attend to a fixed view
+    of the cache that it never writes (rollout.Frozen): a recompute runs after later frames were written."""
     from torch.utils.checkpoint import checkpoint
     for block in module.blocks:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)

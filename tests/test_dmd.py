@@ -1,11 +1,13 @@
 """Stage 3: the self-forcing training rollout is the sampler, gradient flows only through the exit steps,
-the generator and critic optimisers stay apart, the DMD gradient is the formula, resume is exact, and
-the stage runs end to end into checkpoints that sample.py streams."""
+activation checkpointing of the exit-step forwards changes no gradient, the generator and critic optimisers
+stay apart, the DMD gradient is the formula, resume is exact, and the stage runs end to end into
+checkpoints that sample.py streams."""
+import copy
 import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -24,9 +26,9 @@ CFG = M.get_config("toy-tiny")  # 6 frames of 32x32
 SHAPE = (CFG.in_dim, CFG.frames, CFG.height, CFG.width)
 
 
-def tiny(seed):
+def tiny(seed, cfg=CFG):
     torch.manual_seed(seed)
-    net = M.build(CFG)
+    net = M.build(cfg)
     torch.nn.init.normal_(net.head.head.weight, std=0.3)  # the zero-initialised head would make x0 = x_t
     return net
 
@@ -117,6 +119,53 @@ def test_gradient_reaches_only_its_own_block_when_exiting_at_step_0():
     assert calls and not any(calls)
 
 
+@pytest.mark.parametrize("fpb,steps,exits,window", [(1, 2, (1, 2), None), (3, 4, (2, 1), None), (1, 2, (1, 3), 3)])
+def test_checkpointed_exit_steps_give_the_same_loss_and_gradients(fpb, steps, exits, window):
+    """Checkpointed blocks are recomputed in the backward, after later blocks were committed; each must attend
+    to the history its forward saw. Last: a rolling window that wraps, whose evictions shift the cache in place."""
+    gen = tiny(6, replace(CFG, num_layers=2))  # two blocks: the second block's input depends on the history too
+    ck = T.checkpoint_blocks(copy.deepcopy(gen))
+    sched = dmd.schedule(fpb, steps, CFG.shift)
+    b = batch(sched)
+    weight = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(1))
+
+    def run(net):
+        x = rollout.generate(net, b["tokens"], b["noise"], frames_per_block=fpb, steps=sched["steps"],
+                             first_steps=sched["first"], generator=torch.Generator().manual_seed(3),
+                             exit_steps=exits, window=window, sink=1 if window else 0)
+        loss = (x * weight).sum()
+        loss.backward()
+        return loss, [p.grad for p in net.parameters()]
+
+    (loss, grads), (loss_ck, grads_ck) = run(gen), run(ck)
+    assert torch.equal(loss, loss_ck)
+    for g, g_ck in zip(grads, grads_ck):
+        torch.testing.assert_close(g_ck, g, rtol=1e-6, atol=1e-7)
+
+
+def test_a_recomputed_block_attends_to_the_history_its_forward_saw(monkeypatch):
+    seen, attention = [], M.attention
+
+    def spy(q, k, v, *args):  # the keys and values of every attention that carries gradient
+        if torch.is_grad_enabled():
+            seen.append((k.shape[2], k.sum().item(), v.sum().item()))
+        return attention(q, k, v, *args)
+
+    monkeypatch.setattr(M, "attention", spy)
+    gen = T.checkpoint_blocks(tiny(7, replace(CFG, num_layers=2)))
+    sched = dmd.schedule(1, 2, CFG.shift)
+    b = batch(sched)
+    b["exits"] = (1, 2)
+    x = dmd.self_forcing(gen, b, sched)
+    forward = list(seen)
+    x.sum().backward()
+    recomputed = seen[len(forward):]
+    # 6 frame-wise blocks x 2 layers: block i attends to i + 1 frames of 64 tokens, and so does its recompute,
+    # though by then all 6 frames are in the cache
+    assert sorted(n for n, _, _ in forward) == sorted(64 * (i + 1) for i in range(6) for _ in range(2))
+    assert sorted(recomputed) == sorted(forward)
+
+
 def snapshot(net):
     return {k: v.clone() for k, v in net.state_dict().items()}
 
@@ -188,6 +237,18 @@ def test_resume_continues_the_same_trajectory(ckpts, tmp_path):
     assert {k.split(".")[0] for k in a} == {"generator", "critic", "ema_generator", "optim_generator", "optim_critic"}
     for k in a:  # both networks, the EMA and both optimizer states continue exactly
         assert torch.equal(a[k], b[k]), k
+
+
+def test_checkpointing_covers_the_generator_and_changes_no_step(ckpts, tmp_path, monkeypatch):
+    wrapped, checkpoint_blocks = [], T.checkpoint_blocks
+    monkeypatch.setattr(T, "checkpoint_blocks", lambda net: wrapped.append(net) or checkpoint_blocks(net))
+    dmd.main(args(ckpts, tmp_path / "ck", "--steps=2", "--checkpointing=true"))
+    assert len(wrapped) == 2  # the generator and the critic
+    dmd.main(args(ckpts, tmp_path / "plain", "--steps=2"))
+    a, _ = T.load_checkpoint(str(tmp_path / "ck" / "ckpt"))
+    b, _ = T.load_checkpoint(str(tmp_path / "plain" / "ckpt"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=k)
 
 
 @pytest.mark.slow

@@ -81,8 +81,8 @@ def test_prompts_file_and_chunkwise_gif(ck, tmp_path):
 
 def test_longer_than_trained_uses_the_rolling_window(ck, tmp_path, monkeypatch):
     caches = []
-    real_cache = rollout.Cache.__init__
-    monkeypatch.setattr(rollout.Cache, "__init__", lambda self, *a: caches.append(a) or real_cache(self, *a))
+    real_cache = M.KVCache.__init__
+    monkeypatch.setattr(M.KVCache, "__init__", lambda self, *a: caches.append(a) or real_cache(self, *a))
     for stem, frames in ((ck["fw"], 14), (ck["cw"], 12)):
         npy = tmp_path / "long.npy"
         sample.main(["--ckpt", stem, f"--num-frames={frames}", f"--out={tmp_path / 'long.png'}", f"--save-npy={npy}"])
