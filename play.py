@@ -78,8 +78,8 @@ def load_world(stem, device):
     cfg = model.cfg
     if not cfg.num_actions:
         T.die(f"checkpoint {stem} is not an action world model (train one with teacher.py --actions=true)")
-    flags = argparse.Namespace(frames_per_block=None, num_frames=None, steps=None, guidance=None, first_frame=None,
-                               window=cfg.frames, sink=1)  # the checkpoint's sampler, on a rolling cache
+    flags = argparse.Namespace(frames_per_block=None, num_frames=None, steps=None, guidance=None, solver=None,
+                               first_frame=None, window=cfg.frames, sink=1)  # the checkpoint's sampler, on a rolling cache
     p = sample.plan(meta, flags, cfg)
     if p["kind"] == "base" or p["fpb"] != 1:
         T.die(f"checkpoint {stem} is not frame-wise causal (kind {p['kind']}, {p['fpb']} frames per block): "

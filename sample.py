@@ -309,7 +309,7 @@ def baseline(a, device):
     if not os.path.exists(stem + ".json"):
         T.die(f"--compare needs the chunk-wise student {stem}.safetensors (train it, or pass --compare-ckpt)")
     model, meta = load(stem, device)
-    own = argparse.Namespace(**{**vars(a), "steps": None, "frames_per_block": None, "guidance": None,
+    own = argparse.Namespace(**{**vars(a), "steps": None, "frames_per_block": None, "guidance": None, "solver": None,
                                 "first_frame": None})  # its own sampler, not this checkpoint's overrides
     return os.path.basename(stem), model, plan(meta, own, model.cfg)
 
