@@ -40,6 +40,7 @@ import wan
 DEFAULTS = dict(
     init="checkpoints/causal_cd_framewise",  # the stage-2 student G starts from (kind "student")
     real="checkpoints/base",  # the frozen bidirectional base: the real score, and the critic's start (or a Wan folder)
+    critic="",  # the critic's start when it is not the real score (the paper pairs a 14B real score with a 1.3B critic)
     data="",  # a latent data set (`python wan.py encode`): a Wan-scale G draws its prompts' umT5 contexts
     frames_per_block=0,  # 0 = the init's (1 frame-wise, 3 chunk-wise)
     steps_per_block=0,  # 0 = the init's; frame-wise students below 4 steps give frame 0 a 4-step list
@@ -136,8 +137,8 @@ def load(stem, kind, device):
 
 
 def networks(cfg, device):
-    """-> G (from the stage-2 init), the frozen real score, the critic (a trainable copy of the base),
-    and G's sampler schedule; the frames per block and steps default to the init's."""
+    """-> G (from the stage-2 init), the frozen real score, the critic (a trainable copy of --critic, by
+    default of the real score), and G's sampler schedule; the frames per block and steps default to the init's."""
     gen, meta = load(cfg["init"], "student", device)
     real, _ = load(cfg["real"], "base", device)
     c = gen.cfg
@@ -154,8 +155,11 @@ def networks(cfg, device):
     steps = cfg["steps_per_block"] or meta.get("steps_per_block")
     if not steps or steps <= 0:
         T.die(f"--steps_per_block must be positive, got {steps}")
-    critic = M.build(real.cfg).to(device)
-    critic.load_state_dict(real.state_dict())
+    start = load(cfg["critic"], "base", device)[0] if cfg["critic"] else real
+    if geometry(start.cfg) != geometry(c) or start.cfg.num_actions != c.num_actions:
+        T.die(f"--critic {cfg['critic']} draws other videos than --init {cfg['init']}")
+    critic = M.build(start.cfg).to(device)
+    critic.load_state_dict(start.state_dict())
     real.requires_grad_(False)
     return gen, real, critic, schedule(fpb, steps, c.shift)
 

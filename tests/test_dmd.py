@@ -197,6 +197,21 @@ def test_each_optimiser_moves_only_its_network_and_the_real_score_stays_frozen(c
     assert not same(critic, c0) and same(gen, g1) and same(real, r0)
 
 
+def test_the_critic_may_start_from_another_base_than_the_real_score(ckpts, tmp_path):
+    """The paper's Wan recipe: a larger real score, a smaller critic. Here: a wider real score."""
+    wide = replace(CFG, dim=64, ffn_dim=128)
+    T.export(str(tmp_path / "wide"), tiny(9, wide), {"kind": "base", "config": asdict(wide), "shift": CFG.shift})
+    cfg = {**dmd.DEFAULTS, "init": ckpts["fw"], "real": str(tmp_path / "wide"), "critic": ckpts["base"],
+           "steps_per_block": 2}
+    gen, real, critic, sched = dmd.networks(cfg, torch.device("cpu"))
+    assert real.cfg.dim == 64 and critic.cfg.dim == CFG.dim
+    base, _ = T.load_model(ckpts["base"])
+    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), critic.state_dict().values()))
+    b = batch(sched)
+    loss, _ = dmd.dmd_loss(dmd.self_forcing(gen, b, sched), real, critic, b["tokens"], b["t"], b["eps"], 3.0)
+    assert torch.isfinite(loss)
+
+
 def test_dmd_gradient_is_the_formula():
     real, critic = tiny(3), tiny(4)
     tokens = data.tokenize(["green triangle", "cyan square"])
