@@ -346,8 +346,9 @@ def test_a_browser_steers_the_object_with_the_arrow_keys():
             assert start["x"] == pytest.approx(16, abs=0.5) and start["y"] == pytest.approx(16, abs=0.5)
             for key, axis, sign in (("ArrowRight", "x", 1), ("ArrowUp", "y", -1), ("ArrowLeft", "x", -1)):
                 before = page.evaluate(CENTROID)
-                page.keyboard.down(key)
-                settle(before["index"] + 1)
+                page.keyboard.down(key)  # held until the object has moved 4 px its way (a loaded CI box lags)
+                page.wait_for_function(f"(() => {{ const c = ({CENTROID})(); "
+                                       f"return {sign} * (c.{axis} - {before[axis]}) >= 4; }})()", timeout=30000)
                 page.keyboard.up(key)
                 after = settle(page.evaluate(CENTROID)["index"])  # the key is up: the object has stopped
                 other = "y" if axis == "x" else "x"
