@@ -359,8 +359,7 @@ def main(argv):
              {"kind": "student", "frames_per_block": fpb, "steps_per_block": STUDENT_STEPS, "first_block_steps": first,
               "shift": shift, "init": cfg["method"], "teacher": stem, "steps": cfg["steps"],
               "batch_size": cfg["batch_size"], "stage2_cost": cost})
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    T.teardown_distributed()
 
 
 if __name__ == "__main__":

@@ -225,8 +225,7 @@ def main(argv):
     run.ship(cfg["export"], ema, mcfg, {"kind": "student", **counts, "shift": mcfg.shift,
                                         "init": os.path.basename(cfg["init"]), "real": os.path.basename(cfg["real"]),
                                         "steps": cfg["steps"], "batch_size": cfg["batch_size"]})
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    T.teardown_distributed()
 
 
 if __name__ == "__main__":

@@ -169,8 +169,7 @@ def main(argv):
     kind = "base" if cfg["stage"] == "base" else "ar_teacher"
     run.ship(cfg["export"], ema, mcfg, {"kind": kind, "frames_per_block": None if kind == "base" else cfg["frames_per_block"],
                                         "shift": cfg["shift"], "steps": cfg["steps"], "batch_size": cfg["batch_size"]})
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    T.teardown_distributed()
 
 
 if __name__ == "__main__":

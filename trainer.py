@@ -75,6 +75,14 @@ def setup_distributed():
     return rank, world, torch.device("cpu")
 
 
+def teardown_distributed():
+    """Leave together: a rank that closes its gloo connections while rank 0 still writes the shipped files
+    can make the other abort (seen once as a SIGABRT in CI), so every rank waits at a barrier first."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def usable_device(name):
     """torch.device(name), or exit 2 with one line when this machine cannot use it."""
     try:
