@@ -35,7 +35,7 @@ DEFAULTS = dict(
     model="toy",
     data="",  # a latent data set (`python wan.py encode`): train --model (e.g. wan2.1-1.3b) on Wan latents
     actions=False,  # train on the action world: the model gets one action per frame (num_actions > 0)
-    init="checkpoints/base",  # ar only: the stage-0 checkpoint to start from, or a Wan folder (its transformer/)
+    init="",  # the checkpoint (or Wan folder) to start from; ar: default checkpoints/base; base: default scratch
     out="",  # run folder (default runs/<stage>[_fw|_cw])
     export="",  # ship the EMA weights to this stem (e.g. checkpoints/base) when done
     steps=3000,
@@ -132,11 +132,15 @@ def main(argv):
         device = torch.device(cfg["device"])
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
     net = M.build(mcfg).to(device)
-    if cfg["stage"] == "ar" and not T.has_checkpoint(out):
-        init, _ = wan.load_dit(cfg["init"])  # on the CPU, and dropped once copied: 5.7 GB at 1.3B
-        if init.cfg != mcfg:
-            T.die(f"--init {cfg['init']} was trained with another model config than --model {cfg['model']}")
-        net.load_state_dict(init.state_dict())
+    init_from = cfg["init"] or ("checkpoints/base" if cfg["stage"] == "ar" else "")
+    if init_from and not T.has_checkpoint(out):
+        init, _ = wan.load_dit(init_from)  # on the CPU, and dropped once copied: 5.7 GB at 1.3B
+        # A world model may start from a text-to-video model: its action path stays at its zero init,
+        # so step 0 computes exactly what the init does (minWM starts its camera path the same way).
+        if init.cfg != replace(mcfg, num_actions=init.cfg.num_actions) or init.cfg.num_actions not in (0, mcfg.num_actions):
+            T.die(f"--init {init_from} was trained with another model config than --model {cfg['model']}")
+        missing, _ = net.load_state_dict(init.state_dict(), strict=False)
+        assert all(k.startswith("action_") for k in missing), missing
         del init
     net, ddp = T.parallelize(net, cfg["parallel"], device, cfg["checkpointing"])  # before the EMA and optimizer
     ema = T.EMA(net, cfg["ema"])

@@ -356,3 +356,23 @@ def test_a_browser_steers_the_object_with_the_arrow_keys():
             assert float(page.inner_text("#fps")) > 0 and page.inner_text("#error") == ""
         finally:
             browser.close()
+
+
+def test_a_world_base_starts_from_a_text_to_video_base_unchanged(tmp_path):
+    """teacher.py --stage=base --actions=true --init=TEXT_BASE: the action path starts at zero, so before any
+    learning the world model predicts exactly what the text-to-video base does, whatever the actions."""
+    tiny = ["--model=toy-tiny", "--batch_size=2", "--bf16=false", "--steps=1"]
+    text, world = str(tmp_path / "text"), str(tmp_path / "world")
+    teacher.main([*tiny, f"--out={tmp_path}/r0", f"--export={text}"])
+    teacher.main([*tiny, "--actions=true", f"--init={text}", "--lr=0", f"--out={tmp_path}/r1", f"--export={world}"])
+    t2v, _ = T.load_model(text)
+    wm, _ = T.load_model(world)
+    x, t = torch.randn(2, 3, 6, 32, 32), torch.tensor([900.0, 300.0])
+    ctx = t2v.encode_text(data.tokenize(["red circle", "blue square"]))
+    with torch.no_grad():
+        for actions in (torch.zeros(2, 6, dtype=torch.long), torch.randint(0, 5, (2, 6))):
+            assert torch.equal(wm(x, t, ctx, actions=actions), t2v(x, t, ctx))
+    with pytest.raises(SystemExit) as stop:  # another size of model is refused with one line
+        teacher.main(["--model=toy", "--batch_size=2", "--steps=1", "--actions=true", f"--init={text}",
+                      f"--out={tmp_path}/r2"])
+    assert stop.value.code == 2
