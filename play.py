@@ -3,6 +3,7 @@ next frame from the key held, in real time, for as long as the page stays open.
 
     python play.py                                         # checkpoints/world_framewise, http://127.0.0.1:8000
     python play.py --ckpt runs/my_world --port 8080 --fps 12
+    python play.py --bench 600                             # a client plays for 10 min: frames/s and memory
 
 The page runs a loop: it POSTs the arrow key held right now to /step, the server generates exactly one
 frame for that action (the frame-wise sampler of sample.py: one 1-frame block on top of the KV cache of the
@@ -22,6 +23,7 @@ import argparse
 import base64
 import json
 import os
+import random
 import secrets
 import sys
 import threading
@@ -30,6 +32,7 @@ import traceback
 from collections import OrderedDict
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.request import ProxyHandler, build_opener
 
 # The browser usually runs on the same machine: OpenMP threads that spin while waiting starve it and each
 # other (measured on 2 CPU cores: 840 ms a frame instead of 10). Set before torch starts OpenMP.
@@ -285,6 +288,43 @@ play();
 """
 
 
+def rss_mib():
+    """This process's resident memory now (Linux /proc; the peak from getrusage elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except OSError:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench(server, seconds, report_every=60.0):
+    """A client plays as fast as the server answers, through HTTP like the page, holding random keys
+    (each kept for a while, as a player does), for `seconds`. Prints frames/s and resident memory every
+    `report_every` seconds and, as its last line, one JSON object with the whole run's numbers."""
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    opener = build_opener(ProxyHandler({}))  # loopback: never through a proxy
+    post = lambda path, msg: json.load(opener.open(url + path, json.dumps(msg).encode()))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    sid, rng = post("/session", {"prompt": data.PROMPTS[0], "seed": 0})["session"], random.Random(0)
+    action, frames, ms, rss = "none", 0, 0.0, [rss_mib()]
+    start = last = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        action = action if rng.random() < 0.9 else rng.choice(data.ACTIONS)
+        ms += post("/step", {"session": sid, "action": action})["ms"]
+        frames += 1
+        if time.perf_counter() - last >= report_every or time.perf_counter() - start >= seconds:
+            last = time.perf_counter()
+            rss.append(rss_mib())
+            print(f"{last - start:7.0f} s  {frames} frames  {frames / (last - start):.1f} frames/s  "
+                  f"{rss[-1]:.0f} MiB", file=sys.stderr, flush=True)
+    server.shutdown()
+    wall = time.perf_counter() - start
+    print(json.dumps({"seconds": round(wall, 1), "frames": frames, "frames_per_s": round(frames / wall, 1),
+                      "model_ms_per_frame": round(ms / max(frames, 1), 1), "rss_mib_first_report": round(rss[1], 1),
+                      "rss_mib_last": round(rss[-1], 1), "rss_mib_max": round(max(rss), 1)}))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.error = lambda message: T.die(f"{message} (see --help)")
@@ -293,9 +333,13 @@ def main(argv=None):
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--fps", type=float, default=8, help="the most frames a second the page asks for")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bench", type=float, metavar="SECONDS", help="no page: a local client plays this long and "
+                   "the last line is JSON with frames/s and resident memory (first report, last, max)")
     a = p.parse_args(argv)
-    if not a.fps > 0 or not 0 <= a.port < 65536:
-        T.die(f"--fps must be positive and --port in 0..65535 (got {a.fps}, {a.port})")
+    for name, value, ok in (("--fps", a.fps, a.fps > 0), ("--bench", a.bench, a.bench is None or a.bench > 0),
+                            ("--port", a.port, 0 <= a.port < 65536)):
+        if not ok:
+            T.die(f"{name} must be {'in 0..65535' if name == '--port' else 'positive'}, got {value}")
     try:
         device = torch.device(a.device)
         torch.empty(0, device=device)
@@ -306,9 +350,11 @@ def main(argv=None):
         T.die(f"no world model at {stem}.safetensors; train one first (docs: the world model) or pass --ckpt")
     new_world = load_world(stem, device)
     try:
-        server = make_server(new_world, a.host, a.port, a.fps)
+        server = make_server(new_world, "127.0.0.1" if a.bench else a.host, 0 if a.bench else a.port, a.fps)
     except OSError as e:
         T.die(f"cannot listen on {a.host}:{a.port} ({e.strerror or e})")
+    if a.bench:
+        return bench(server, a.bench, report_every=min(60.0, a.bench / 2))
     print(f"playing {stem} at http://{a.host}:{server.server_address[1]}/ (Ctrl-C stops)", file=sys.stderr,
           flush=True)
     try:

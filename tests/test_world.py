@@ -299,7 +299,8 @@ def test_play_refuses_checkpoints_it_cannot_play(tmp_path, capsys):
     for argv, message in (([f"--ckpt={tmp_path}/none"], "no world model"),
                           ([f"--ckpt={plain}"], "not an action world model"),
                           ([f"--ckpt={chunk}"], "not frame-wise"),
-                          (["--fps=0"], "--fps must be positive")):
+                          (["--fps=0"], "--fps must be positive"),
+                          (["--bench=-1"], "--bench must be positive")):
         with pytest.raises(SystemExit) as stop:
             play.main(argv)
         err = capsys.readouterr().err
@@ -376,3 +377,13 @@ def test_a_world_base_starts_from_a_text_to_video_base_unchanged(tmp_path):
         teacher.main(["--model=toy", "--batch_size=2", "--steps=1", "--actions=true", f"--init={text}",
                       f"--out={tmp_path}/r2"])
     assert stop.value.code == 2
+
+
+def test_play_bench_plays_through_http_and_reports_speed_and_memory(tmp_path, capsys):
+    stem = export_world(str(tmp_path / "world"))
+    play.main(["--ckpt", stem, "--bench", "2"])
+    out, err = capsys.readouterr()
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["frames"] > 12 and result["seconds"] >= 2  # past the rolling window, for the time asked
+    assert result["frames_per_s"] == pytest.approx(result["frames"] / result["seconds"], rel=0.05)
+    assert 0 < result["rss_mib_first_report"] <= result["rss_mib_max"] and "frames/s" in err
