@@ -39,7 +39,8 @@ import wan
 
 DEFAULTS = dict(
     init="checkpoints/causal_cd_framewise",  # the stage-2 student G starts from (kind "student")
-    real="checkpoints/base",  # the frozen bidirectional base: the real score, and the critic's start (or a Wan folder)
+    real="checkpoints/base",  # the frozen real score and the critic's start: the bidirectional base (or a Wan folder),
+    # or an AR teacher, which scores the rollout teacher-forced (a world model whose base ignores the actions)
     critic="",  # the critic's start when it is not the real score (the paper pairs a 14B real score with a 1.3B critic)
     data="",  # a latent data set (`python wan.py encode`): a Wan-scale G draws its prompts' umT5 contexts
     frames_per_block=0,  # 0 = the init's (1 frame-wise, 3 chunk-wise)
@@ -105,42 +106,54 @@ def self_forcing(gen, b, sched, rows=None):
                             exit_steps=b["exits"], rows=rows, actions=b.get("actions"))
 
 
-def real_x0(real, x_t, t, tokens, scale, actions=None):
+def forcing(x, score_fpb):
+    """How a score network sees the noised rollout: a bidirectional base sees it whole ({}); a causal score
+    (an AR teacher, score_fpb frames per block) sees it teacher-forced, each block in context of the clean
+    rollout's earlier blocks, as in stage 1."""
+    return {} if not score_fpb else dict(frames_per_block=score_fpb, clean_x=x.detach())
+
+
+def real_x0(real, x_t, t, tokens, scale, actions=None, **forced):
     """The real score's x0 with guidance in the DMD form x0_c + s (x0_c - x0_u). x0 is affine in v, so this
     is the standard guidance v_u + (1 + s)(v_c - v_u) turned into x0."""
-    v = rollout.velocity(real, x_t, t, rollout.contexts(real, tokens, 1 + scale), 1 + scale, actions=actions)
+    v = rollout.velocity(real, x_t, t, rollout.contexts(real, tokens, 1 + scale), 1 + scale, actions=actions,
+                         **forced)
     return M.x0_from_v(x_t, v, t)
 
 
-def dmd_loss(x, real, critic, tokens, t, eps, scale, actions=None):
+def dmd_loss(x, real, critic, tokens, t, eps, scale, actions=None, score_fpb=None):
     """-> (loss, g): 1/2 |x - sg(x - g)|^2 (mean), whose gradient with respect to x is g / x.numel()."""
     with torch.no_grad():
         x_t = M.add_noise(x, eps, t)
-        x0_fake = M.x0_from_v(x_t, critic(x_t, t, critic.encode_text(tokens), actions=actions), t)
-        x0_real = real_x0(real, x_t, t, tokens, scale, actions)
+        forced = forcing(x, score_fpb)
+        x0_fake = M.x0_from_v(x_t, critic(x_t, t, critic.encode_text(tokens), actions=actions, **forced), t)
+        x0_real = real_x0(real, x_t, t, tokens, scale, actions, **forced)
         g = (x0_fake - x0_real) / (x - x0_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)  # per video
         g = torch.nan_to_num(g)
     return 0.5 * F.mse_loss(x, (x - g).detach()), g
 
 
-def critic_loss(critic, x, tokens, t, eps, actions=None):
+def critic_loss(critic, x, tokens, t, eps, actions=None, score_fpb=None):
     """Flow matching on G's samples: the critic learns the score of what G draws now."""
     x_t = M.add_noise(x, eps, t)
-    return F.mse_loss(critic(x_t, t, T.unwrap(critic).encode_text(tokens), actions=actions), eps - x)
+    v = critic(x_t, t, T.unwrap(critic).encode_text(tokens), actions=actions, **forcing(x, score_fpb))
+    return F.mse_loss(v, eps - x)
 
 
-def load(stem, kind, device):
+def load(stem, kinds, device):
     net, meta = wan.load_dit(stem, device)  # a checkpoint pair, or (the real score) a Wan folder
-    if meta["kind"] != kind:
-        T.die(f"{stem} is a {meta['kind']!r} checkpoint; expected {kind!r}")
+    if meta["kind"] not in kinds:
+        T.die(f"{stem} is a {meta['kind']!r} checkpoint; expected {' or '.join(map(repr, kinds))}")
     return net, meta
 
 
 def networks(cfg, device):
     """-> G (from the stage-2 init), the frozen real score, the critic (a trainable copy of --critic, by
-    default of the real score), and G's sampler schedule; the frames per block and steps default to the init's."""
-    gen, meta = load(cfg["init"], "student", device)
-    real, _ = load(cfg["real"], "base", device)
+    default of the real score), G's sampler schedule (the frames per block and steps default to the init's)
+    and the scores' frames per block (None: bidirectional; an AR teacher's: teacher-forced)."""
+    gen, meta = load(cfg["init"], ("student",), device)
+    real, real_meta = load(cfg["real"], ("base", "ar_teacher"), device)
+    score_fpb = real_meta.get("frames_per_block") if real_meta["kind"] == "ar_teacher" else None
     c = gen.cfg
     geometry = lambda m: (m.in_dim, m.frames, m.height, m.width, m.patch_size)
     if geometry(real.cfg) != geometry(c):
@@ -155,13 +168,13 @@ def networks(cfg, device):
     steps = cfg["steps_per_block"] or meta.get("steps_per_block")
     if not steps or steps <= 0:
         T.die(f"--steps_per_block must be positive, got {steps}")
-    start = load(cfg["critic"], "base", device)[0] if cfg["critic"] else real
+    start = load(cfg["critic"], (real_meta["kind"],), device)[0] if cfg["critic"] else real
     if geometry(start.cfg) != geometry(c) or start.cfg.num_actions != c.num_actions:
         T.die(f"--critic {cfg['critic']} draws other videos than --init {cfg['init']}")
     critic = M.build(start.cfg).to(device)
     critic.load_state_dict(start.state_dict())
     real.requires_grad_(False)
-    return gen, real, critic, schedule(fpb, steps, c.shift)
+    return gen, real, critic, schedule(fpb, steps, c.shift), score_fpb
 
 
 def main(argv):
@@ -172,7 +185,7 @@ def main(argv):
     rank, world, device = T.setup_distributed()
     if cfg["device"]:
         device = torch.device(cfg["device"])
-    gen, real, critic, sched = networks(cfg, device)
+    gen, real, critic, sched, score_fpb = networks(cfg, device)
     mcfg = gen.cfg
     latents = None
     if cfg["data"]:
@@ -205,7 +218,7 @@ def main(argv):
             with T.autocast(device, cfg["bf16"]):
                 x = self_forcing(gen_ddp, b, sched, rows)
                 loss, _ = dmd_loss(x, real, critic, b["tokens"], b["t"], b["eps"], cfg["real_guidance"],
-                                   b.get("actions"))
+                                   b.get("actions"), score_fpb)
             last = dict(dmd_loss=run.check(loss, step),  # = mean g^2 / 2
                         gen_grad_norm=T.optimizer_step(opt_g, loss, cfg["lr"], cfg["grad_clip"]))
             n = step // cfg["critic_updates"]
@@ -214,7 +227,7 @@ def main(argv):
         with T.autocast(device, cfg["bf16"]):
             with torch.no_grad():
                 x = self_forcing(gen, b, sched, rows)
-            loss = critic_loss(critic_ddp, x, b["tokens"], b["t"], b["eps"], b.get("actions"))
+            loss = critic_loss(critic_ddp, x, b["tokens"], b["t"], b["eps"], b.get("actions"), score_fpb)
         value = run.check(loss, step)
         grad_norm = T.optimizer_step(opt_c, loss, cfg["critic_lr"], cfg["grad_clip"])
         run.log(step + 1, critic_loss=value, critic_grad_norm=grad_norm, **last)

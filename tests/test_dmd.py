@@ -176,7 +176,7 @@ def same(net, snap):
 
 def test_each_optimiser_moves_only_its_network_and_the_real_score_stays_frozen(ckpts):
     cfg = {**dmd.DEFAULTS, "init": ckpts["fw"], "real": ckpts["base"], "steps_per_block": 2}
-    gen, real, critic, sched = dmd.networks(cfg, torch.device("cpu"))
+    gen, real, critic, sched, _ = dmd.networks(cfg, torch.device("cpu"))
     assert not any(p.requires_grad for p in real.parameters())
     assert all(torch.equal(a, b) for a, b in zip(real.state_dict().values(), critic.state_dict().values()))
     opt_g = torch.optim.AdamW(gen.parameters(), lr=1e-2, betas=(0.0, 0.999), weight_decay=0.01)
@@ -203,7 +203,7 @@ def test_the_critic_may_start_from_another_base_than_the_real_score(ckpts, tmp_p
     T.export(str(tmp_path / "wide"), tiny(9, wide), {"kind": "base", "config": asdict(wide), "shift": CFG.shift})
     cfg = {**dmd.DEFAULTS, "init": ckpts["fw"], "real": str(tmp_path / "wide"), "critic": ckpts["base"],
            "steps_per_block": 2}
-    gen, real, critic, sched = dmd.networks(cfg, torch.device("cpu"))
+    gen, real, critic, sched, _ = dmd.networks(cfg, torch.device("cpu"))
     assert real.cfg.dim == 64 and critic.cfg.dim == CFG.dim
     base, _ = T.load_model(ckpts["base"])
     assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), critic.state_dict().values()))
@@ -232,6 +232,44 @@ def test_dmd_gradient_is_the_formula():
     torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(x.grad, want / x.numel(), rtol=1e-4, atol=1e-9)
     assert loss.item() == pytest.approx(0.5 * want.square().mean().item(), rel=1e-4)
+
+
+def test_an_ar_teacher_as_real_score_scores_the_rollout_teacher_forced():
+    """--real=AR teacher: the real score and the critic see each block of the noised rollout in the context of
+    the clean rollout's earlier blocks (stage 1's teacher forcing), not the whole clip at once."""
+    real, critic = tiny(3), tiny(4)
+    words = ["green triangle", "cyan square"]
+    tokens = data.tokenize(words)
+    torch.manual_seed(5)
+    x, eps, t = torch.randn(2, *SHAPE), torch.randn(2, *SHAPE), torch.tensor([300.0, 700.0])
+    _, g = dmd.dmd_loss(x, real, critic, tokens, t, eps, 3.0, score_fpb=1)
+    _, g_whole = dmd.dmd_loss(x, real, critic, tokens, t, eps, 3.0)
+    with torch.no_grad():  # by hand, as in the formula test, with clean_x = the rollout and 1-frame blocks
+        s = (t / 1000).view(2, 1, 1, 1, 1)
+        x_t = (1 - s) * x + s * eps
+        x0 = lambda net, w: x_t - s * net(x_t, t, net.encode_text(data.tokenize(w)), frames_per_block=1, clean_x=x)
+        c, u = x0(real, words), x0(real, ["", ""])
+        x0_real = c + 3 * (c - u)
+        want = (x0(critic, words) - x0_real) / (x - x0_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+        v = critic(x_t, t, critic.encode_text(tokens), frames_per_block=1, clean_x=x)
+    torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(g, g_whole, atol=1e-3)  # the context is what changed
+    torch.testing.assert_close(dmd.critic_loss(critic, x, tokens, t, eps, score_fpb=1),
+                               torch.nn.functional.mse_loss(v, eps - x))
+
+
+def test_dmd_runs_with_an_ar_teacher_as_real_score_and_critic(ckpts, tmp_path):
+    ar = str(tmp_path / "ar")
+    teacher.main(["--model=toy-tiny", "--stage=ar", f"--init={ckpts['base']}", "--steps=1", "--batch_size=2",
+                  "--bf16=false", f"--out={tmp_path / 'ar_run'}", f"--export={ar}"])
+    cfg = {**dmd.DEFAULTS, "init": ckpts["fw"], "real": ar, "steps_per_block": 2}
+    *_, score_fpb = dmd.networks(cfg, torch.device("cpu"))
+    assert score_fpb == 1
+    dmd.main(args(ckpts, tmp_path / "run", "--steps=2", f"--real={ar}", f"--export={tmp_path / 'g'}"))
+    assert json.load(open(str(tmp_path / "g.json")))["real"] == "ar"
+    with pytest.raises(SystemExit) as stop:  # the critic must be the same kind of score as the real one
+        dmd.main(args(ckpts, tmp_path / "bad", "--steps=1", f"--real={ar}", f"--critic={ckpts['base']}"))
+    assert stop.value.code == 2
 
 
 def args(ckpts, out, *extra):
@@ -312,7 +350,7 @@ def test_students_export_and_stream(ckpts, tmp_path):
     (["--critic_updates=0"], "--critic_updates must be positive"),
     (["--frames_per_block=3"], "differs from the init's 1"),
     (["--frames_per_block=4"], "must divide the 6 frames"),
-    (["--real={fw}"], "expected 'base'"),
+    (["--real={fw}"], "expected 'base' or 'ar_teacher'"),
     (["--init={base}"], "expected 'student'"),
     (["--init=nowhere/missing"], "not found"),
     (["--lr=fast"], "--lr expects a float"),
