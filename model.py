@@ -43,6 +43,7 @@ class Config:
     vocab_size: int = 0  # > 0: a learned token embedding stands in for umT5 (toy world only)
     num_actions: int = 0  # > 0: one action id per frame conditions the model (the toy world model)
     shift: float = 5.0  # timestep shift of the flow-matching schedule used with this model
+    prediction: str = "v"  # what the head draws: "v" (Wan) or "x0" (the pixel-space toy; forward still returns v)
     frames: int = 21  # trained length (latent frames) and frame size the model is used at
     height: int = 60
     width: int = 104
@@ -55,12 +56,14 @@ class Config:
 PRESETS = {
     # Bouncing Shapes: 32x32 RGB pixels, 12 frames, 4x4 patches -> 64 tokens per frame. Shift 5 (the paper's):
     # after ~550 steps this model drew one object per frame at shift 5 and a scatter of patch-sized blobs at 3.
+    # x0 prediction: a 48-value pixel patch is easier to draw than the noise in it (Li & He 2025, "Back to
+    # Basics"); with it the frames come out in one clean piece far sooner (README, "the teachers").
     "toy": Config(dim=128, ffn_dim=512, num_heads=2, num_layers=4, freq_dim=256, text_dim=32, text_len=2,
-                  in_dim=3, out_dim=3, patch_size=(1, 4, 4), vocab_size=10, shift=5.0,
+                  in_dim=3, out_dim=3, patch_size=(1, 4, 4), vocab_size=10, shift=5.0, prediction="x0",
                   frames=12, height=32, width=32),
     # A few-second stand-in of the toy world for tests and smoke runs (6 frames).
     "toy-tiny": Config(dim=32, ffn_dim=64, num_heads=1, num_layers=1, freq_dim=32, text_dim=8, text_len=2,
-                       in_dim=3, out_dim=3, patch_size=(1, 4, 4), vocab_size=10, shift=3.0,
+                       in_dim=3, out_dim=3, patch_size=(1, 4, 4), vocab_size=10, shift=3.0, prediction="x0",
                        frames=6, height=32, width=32),
     "wan2.1-1.3b": Config(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     "wan2.1-14b": Config(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
@@ -87,6 +90,9 @@ def config_from_dict(d):
 
 # ----------------------------------------------------------------------------------------------------
 # Flow-matching core (Wan rectified flow): x_t = (1 - s) x0 + s eps, v = eps - x0, t = 1000 s.
+
+
+X0_MIN_SIGMA = 0.05  # x0-prediction models return v = (x - x0) / max(sigma, this) (JiT's clamp)
 
 
 def shift_sigma(sigma, shift):
@@ -414,7 +420,7 @@ class CausalWanModel(nn.Module):
         tokens = tokens.flatten(3).permute(0, 2, 3, 1).contiguous()  # [B, F, S, D]; contiguous: ~7% faster blocks
         start = kv_cache.next_frame if kv_cache is not None else 0
         angles = rope_angles(cfg.head_dim, torch.arange(start, start + n_frames), grid_h, grid_w, x.device)
-        clean_len = 0
+        clean_len, t_noisy = 0, t
         if clean_x is not None:  # [clean | noisy]: the same RoPE positions, clean tokens at t = 0
             clean = self.patch_embedding(clean_x).flatten(3).permute(0, 2, 3, 1)
             tokens = torch.cat([clean, tokens], dim=1)
@@ -445,8 +451,13 @@ class CausalWanModel(nn.Module):
             tokens, e = tokens[:, n_frames:], e[:, n_frames:]
         out = self.head(tokens, e)  # [B, F, S, prod(patch) * out_dim]
         pt, ph, pw = cfg.patch_size
-        return rearrange(out, "b f (h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)",
-                         h=grid_h, w=grid_w, pt=pt, ph=ph, pw=pw).float()
+        out = rearrange(out, "b f (h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)",
+                        h=grid_h, w=grid_w, pt=pt, ph=ph, pw=pw).float()
+        if cfg.prediction == "x0":  # the head drew x0; callers take v. sigma is capped below so that a t = 0
+            # pass (the cache write) stays finite and the v loss's implied weight 1/sigma^2 on x0 stays bounded
+            sigma = (t_noisy.repeat_interleave(pt, dim=1) / 1000).clamp(min=X0_MIN_SIGMA)[:, None, :, None, None]
+            out = (x.float() - out) / sigma
+        return out
 
 
 def build(name_or_config, device=None, dtype=None):

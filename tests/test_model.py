@@ -74,6 +74,21 @@ def test_per_frame_timesteps_broadcast():
     assert not torch.allclose(m(x, t, ctx), m(x, same, ctx))
 
 
+@pytest.mark.parametrize("teacher_forcing", [False, True])
+def test_x0_prediction_returns_the_v_whose_x0_is_what_the_head_drew(teacher_forcing):
+    """The same weights read as a v model give the head's raw output; the x0 model must return the v for
+    which x - sigma v is exactly that output, with the noisy frames' own t (not the clean half's zeros)."""
+    from dataclasses import replace
+    m_v, m_x = tiny_model(), tiny_model(cfg=replace(TINY, prediction="x0"))
+    x, t, ctx = inputs()
+    t = t.clamp(min=M.X0_MIN_SIGMA * 1000)
+    kw = dict(frames_per_block=3, clean_x=torch.randn_like(x)) if teacher_forcing else {}
+    drawn, v = m_v(x, t, ctx, **kw), m_x(x, t, ctx, **kw)
+    assert torch.allclose(M.x0_from_v(x, v, t), drawn, atol=1e-5)
+    zero = torch.zeros_like(t)  # a t = 0 pass (the cache write) divides by the floor, not by zero
+    assert torch.allclose(m_x(x, zero, ctx), (x - m_v(x, zero, ctx)) / M.X0_MIN_SIGMA, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------------
 # masks and caches
 
