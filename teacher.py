@@ -47,7 +47,6 @@ DEFAULTS = dict(
     grad_clip=1.0,
     ema=0.999,
     prompt_dropout=0.1,
-    image_every=0,  # base only: every Nth step trains on batch_size x frames single frames (image + video, as Wan)
     weighting="",  # uniform | bell (default: uniform for base, bell for ar)
     shift=0.0,  # timestep shift of the samplers; 0 = the model preset's
     train_shift=0.0,  # timestep shift of the training t distribution; 0 = the same as --shift
@@ -62,19 +61,11 @@ DEFAULTS = dict(
 )
 
 
-def is_image_step(cfg, step):
-    return cfg["image_every"] > 0 and (step + 1) % cfg["image_every"] == 0
-
-
 def make_batch(cfg, step, n_frames, latents=None):
     """The global batch of this step: clips and their text (toy prompt ids, or with `latents` Wan latents and
-    umT5 contexts), noise, timesteps and dropout, all from (seed, step). An image step swaps the B clips for
-    B x frames one-frame clips: the same tokens per step, but as many independent objects as frames, which
-    is what the shape-from-the-word mapping needs (README, "the teachers")."""
+    umT5 contexts), noise, timesteps and dropout, all from (seed, step)."""
     g = T.step_generator(cfg["seed"], step)
     B = cfg["batch_size"]
-    if is_image_step(cfg, step):
-        B, n_frames = B * n_frames, 1
     x0, text, actions = data.ground_truth(step, B, cfg["seed"], n_frames, cfg["actions"], latents)
     drop = torch.rand(B, generator=g) < cfg["prompt_dropout"]
     text = torch.where(drop.view(B, *[1] * (text.ndim - 1)), 0, text)  # the empty prompt: pad ids, a zero context
@@ -111,8 +102,6 @@ def main(argv):
     n_frames = mcfg.frames
     if cfg["stage"] == "ar" and (cfg["frames_per_block"] < 1 or n_frames % cfg["frames_per_block"]):
         T.die(f"--frames_per_block must divide the {n_frames} frames, got {cfg['frames_per_block']}")
-    if cfg["image_every"] < 0 or (cfg["image_every"] and (cfg["stage"] != "base" or cfg["data"])):
-        T.die("--image_every applies to the toy base stage only (stage 1 needs whole clips), as N >= 0")
     for key in ("steps", "batch_size", "ckpt_every", "log_every"):
         if cfg[key] <= 0:
             T.die(f"--{key} must be positive, got {cfg[key]}")
@@ -160,13 +149,11 @@ def main(argv):
                 modules={"model": net}, emas={"model": ema}, optimizers={"model": opt}, rank=rank, world=world,
                 log_every=cfg["log_every"])
     local = T.local_slice(cfg["batch_size"], rank, world)
-    local_images = T.local_slice(cfg["batch_size"] * n_frames, rank, world)
 
     net.train()
     for step in range(run.start, cfg["steps"]):
         batch = make_batch(cfg, step, n_frames, latents)
-        part = local_images if is_image_step(cfg, step) else local
-        x0, tokens, noise, t, actions = (u if u is None else u[part].to(device) for u in batch)
+        x0, tokens, noise, t, actions = (u if u is None else u[local].to(device) for u in batch)
         with T.autocast(device, cfg["bf16"]):
             loss = loss_fn(ddp, cfg, x0, tokens, noise, t, actions)
         value = run.check(loss, step)
