@@ -229,13 +229,14 @@ def features_distance(real, gen):
 
 # ----------------------------------------------------------------------------- command line
 
-def score_model(model, kind, frames_per_block=1, per_prompt=3, seed=0, steps=48, guidance=3.0):
+def score_model(model, kind, frames_per_block=1, per_prompt=3, seed=0, steps=48, guidance=None):
     """Sample `per_prompt` videos for each of the 18 prompts with a teacher's sampler and score them: the
     numbers the training logs and the README report (54 videos, fixed noise)."""
     import torch
 
     import model as M
     import rollout
+    guidance = rollout.TEACHER_GUIDANCE if guidance is None else guidance
     prompts = [p for p in data.PROMPTS for _ in range(per_prompt)]
     tokens = data.tokenize(prompts)
     cfg = model.cfg

@@ -53,7 +53,7 @@ def parse_args(argv):
     p.add_argument("--frames-per-block", type=int, help="default: the checkpoint's")
     p.add_argument("--solver", choices=("euler", "consistency"), help="euler: the ODE (teachers' default); "
                    "consistency: x0 at every step, re-noised with fresh noise (students' default)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance (teachers; default 3)")
+    p.add_argument("--guidance", type=float, help=f"classifier-free guidance (teachers; default {rollout.TEACHER_GUIDANCE:g})")
     p.add_argument("--window", type=int, help="rolling KV window in frames (default: the trained length "
                    "when --num-frames exceeds it)")
     p.add_argument("--sink", type=int, default=1, help="sink frames kept in the rolling window")
@@ -195,7 +195,7 @@ def plan(meta, a, cfg):
     if window is not None and not (0 <= a.sink < window and fpb <= window - a.sink):
         T.die(f"--window {window} must exceed --sink {a.sink} by at least one block ({fpb} frames)")
     teacher = kind in ("base", "ar_teacher")
-    guidance = a.guidance if a.guidance is not None else meta.get("guidance", 3.0 if teacher else 1.0)
+    guidance = a.guidance if a.guidance is not None else meta.get("guidance", rollout.TEACHER_GUIDANCE if teacher else 1.0)
     if teacher:
         steps = a.steps or 48
         return dict(kind=kind, fpb=fpb, frames=n_frames, steps=steps, first=None, solver=a.solver or "euler",

@@ -105,16 +105,25 @@ def test_teachers_still_sample(ck, tmp_path):
         assert np.load(npy).shape == (2, 6, 32, 32, 3)
 
 
+def test_guidance_defaults_teachers_to_the_measured_value_and_students_to_none():
+    plan = lambda kind, *flags: sample.plan({"kind": kind, "steps_per_block": 2}, sample.parse_args(list(flags)), CFG)
+    assert rollout.TEACHER_GUIDANCE == 2.0  # README, "the teachers' guidance": 2 beat the paper's 3 on two seeds
+    for kind in ("ar_teacher", "base"):
+        assert plan(kind)["guidance"] == rollout.TEACHER_GUIDANCE and plan(kind, "--guidance", "3")["guidance"] == 3
+    assert plan("student")["guidance"] == 1.0  # a distilled student samples without guidance
+
+
 def test_consistency_solver_re_noises_the_teachers_x0_with_fresh_noise(ck, tmp_path):
     """--solver consistency on the base: x0 at each grid point, then fresh noise to the next (by hand here)."""
     model, _ = T.load_model(ck["base"])
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 3, CFG.frames, 32, 32, generator=g)
     tokens, grid = data.tokenize(["red circle"]), M.timesteps(3, CFG.shift).tolist() + [0.0]
-    ctx = rollout.contexts(model, tokens, 3.0)
+    w = rollout.TEACHER_GUIDANCE  # what sample.py gives a teacher by default
+    ctx = rollout.contexts(model, tokens, w)
     with torch.no_grad():
         for t, t_next in zip(grid[:-1], grid[1:]):
-            x0 = M.x0_from_v(x, rollout.velocity(model, x, torch.tensor([t]), ctx, 3.0), torch.tensor([t]))
+            x0 = M.x0_from_v(x, rollout.velocity(model, x, torch.tensor([t]), ctx, w), torch.tensor([t]))
             x = M.add_noise(x0, torch.randn(x.shape, generator=g), torch.tensor([t_next]))
     videos = {}
     for solver in ("euler", "consistency"):
