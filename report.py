@@ -23,11 +23,13 @@ import torch
 
 import data
 import eval as E
+import rollout
 import sample as S
 import trainer as T
 
 ROWS = (  # the paper's table: label, shipped checkpoint, how to make it
-    ("AR teacher, frame-wise, 48-step Euler, guidance 2 (the ceiling; 12 steps with --quick)", "ar_teacher_framewise",
+    (f"AR teacher, frame-wise, 48-step Euler, guidance {rollout.TEACHER_GUIDANCE:g} (the ceiling; 12 steps with --quick)",
+     "ar_teacher_framewise",
      "python teacher.py --stage=ar --frames_per_block=1"),
     ("Self-Forcing style: bidirectional ODE init + DMD, chunk-wise 4-step", "sf_chunkwise_4step",
      "python dmd.py --init=checkpoints/bidir_ode_chunkwise --frames_per_block=3 --steps_per_block=4"),
