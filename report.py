@@ -28,7 +28,8 @@ import sample as S
 import trainer as T
 
 ROWS = (  # the paper's table: label, shipped checkpoint, how to make it
-    (f"AR teacher, frame-wise, 48-step Euler, guidance {rollout.TEACHER_GUIDANCE:g} (the ceiling; 12 steps with --quick)",
+    (f"AR teacher, frame-wise, 48-step {rollout.TEACHER_SOLVER} sampler, guidance {rollout.TEACHER_GUIDANCE:g} "
+     "(the ceiling; 12 steps with --quick)",
      "ar_teacher_framewise",
      "python teacher.py --stage=ar --frames_per_block=1"),
     ("Self-Forcing style: bidirectional ODE init + DMD, chunk-wise 4-step", "sf_chunkwise_4step",

@@ -51,8 +51,9 @@ def parse_args(argv):
     p.add_argument("--num-frames", type=int, help="default: the trained length; longer uses the rolling window")
     p.add_argument("--steps", type=int, help="denoising steps per block (default: the checkpoint's)")
     p.add_argument("--frames-per-block", type=int, help="default: the checkpoint's")
-    p.add_argument("--solver", choices=("euler", "consistency"), help="euler: the ODE (teachers' default); "
-                   "consistency: x0 at every step, re-noised with fresh noise (students' default)")
+    p.add_argument("--solver", choices=("euler", "consistency"), help="euler: the ODE (the paper's teacher "
+                   "sampler); consistency: x0 at every step, re-noised with fresh noise (default: consistency for "
+                   f"students, {rollout.TEACHER_SOLVER} for teachers)")
     p.add_argument("--guidance", type=float, help=f"classifier-free guidance (teachers; default {rollout.TEACHER_GUIDANCE:g})")
     p.add_argument("--window", type=int, help="rolling KV window in frames (default: the trained length "
                    "when --num-frames exceeds it)")
@@ -198,7 +199,7 @@ def plan(meta, a, cfg):
     guidance = a.guidance if a.guidance is not None else meta.get("guidance", rollout.TEACHER_GUIDANCE if teacher else 1.0)
     if teacher:
         steps = a.steps or 48
-        return dict(kind=kind, fpb=fpb, frames=n_frames, steps=steps, first=None, solver=a.solver or "euler",
+        return dict(kind=kind, fpb=fpb, frames=n_frames, steps=steps, first=None, solver=a.solver or rollout.TEACHER_SOLVER,
                     guidance=guidance, window=window, sink=a.sink if window else 0)
     steps = a.steps or count(meta, "steps_per_block")
     if steps is None:
