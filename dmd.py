@@ -47,7 +47,7 @@ DEFAULTS = dict(
     steps_per_block=0,  # 0 = the init's; frame-wise students below 4 steps give frame 0 a 4-step list
     out="",  # run folder (default runs/dmd_<export name>)
     export="",  # ship the EMA generator to this stem (e.g. checkpoints/cfpp_framewise_2step) when done
-    steps=500,  # iterations = critic updates; the generator steps on every critic_updates-th (100 here)
+    steps=250,  # iterations = critic updates; the generator steps on every critic_updates-th (50 here; 500 was worse)
     critic_updates=5,
     batch_size=8,
     lr=1e-4,  # generator; the paper's 2e-6 is for Wan at batch 64. Toy: x50, like the toy teacher's 1e-3
