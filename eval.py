@@ -230,24 +230,17 @@ def features_distance(real, gen):
 # ----------------------------------------------------------------------------- command line
 
 def score_model(model, kind, frames_per_block=1, per_prompt=3, seed=0, steps=48):
-    """Sample `per_prompt` videos for each of the 18 prompts with the teachers' sampler (rollout.TEACHER_SOLVER
-    and TEACHER_GUIDANCE, as sample.py) and score them: the numbers the training logs (54 videos, fixed noise)."""
+    """Sample `per_prompt` videos for each of the 18 prompts exactly as `sample.py` samples a teacher (its
+    default sampler, rollout.TEACHER_SOLVER / TEACHER_GUIDANCE) and score them: the numbers the training
+    logs (54 videos, fixed noise)."""
     import torch
 
-    import model as M
-    import rollout
-    solver, guidance = rollout.TEACHER_SOLVER, rollout.TEACHER_GUIDANCE
+    import sample
     prompts = [p for p in data.PROMPTS for _ in range(per_prompt)]
-    tokens = data.tokenize(prompts)
-    cfg = model.cfg
-    g = torch.Generator().manual_seed(seed)  # the noise, then the consistency solver's re-noising
-    noise = torch.randn(len(prompts), cfg.in_dim, cfg.frames, cfg.height, cfg.width, generator=g)
+    plan = sample.plan({"kind": kind, "frames_per_block": frames_per_block}, sample.parse_args(["--steps", str(steps)]),
+                       model.cfg)
     with torch.no_grad():
-        if kind == "base":
-            x = rollout.sample_bidirectional(model, tokens, noise, steps, guidance, solver=solver, generator=g)
-        else:
-            x = rollout.generate(model, tokens, noise, frames_per_block=frames_per_block, generator=g,
-                                 steps=M.timesteps(steps, cfg.shift).tolist(), solver=solver, guidance=guidance)
+        x = sample.run(model, data.tokenize(prompts), plan, seed, next(model.parameters()).device)
     return evaluate(data.to_uint8(x), prompts)
 
 
