@@ -45,6 +45,7 @@ DEFAULTS = dict(
     data="",  # a latent data set (`python wan.py encode`): a Wan-scale G draws its prompts' umT5 contexts
     frames_per_block=0,  # 0 = the init's (1 frame-wise, 3 chunk-wise)
     steps_per_block=0,  # 0 = the init's; frame-wise students below 4 steps give frame 0 a 4-step list
+    timesteps="",  # G's block list instead of the warped list of steps_per_block, e.g. 1000,250 (shipped in the JSON)
     out="",  # run folder (default runs/dmd_<export name>)
     export="",  # ship the EMA generator to this stem (e.g. checkpoints/cfpp_framewise_2step) when done
     steps=250,  # iterations = critic updates; the generator steps on every critic_updates-th (50 here; 500 was worse)
@@ -67,12 +68,15 @@ DEFAULTS = dict(
 )
 
 
-def schedule(fpb, steps, shift):
-    """The student's sampler: warped step lists; frame-wise 1/2-step students give frame 0 four steps,
-    since it has no history to lean on (the CF++ first-frame trick). The counts go into the shipped JSON."""
+def schedule(fpb, steps, shift, listed=None):
+    """The student's sampler: the warped list of `steps` (or the explicit `listed` one); frame-wise 1/2-step
+    students give frame 0 the warped 4-step list, since it has no history to lean on (the CF++ first-frame
+    trick). The counts (and an explicit list) go into the shipped JSON."""
+    steps = len(listed) if listed else steps
     first = 4 if fpb == 1 and steps < 4 else None
     return dict(frames_per_block=fpb, steps_per_block=steps, first_block_steps=first,
-                steps=M.timesteps(steps, shift).tolist(), first=M.timesteps(first, shift).tolist() if first else None)
+                steps=listed or M.timesteps(steps, shift).tolist(),
+                first=M.timesteps(first, shift).tolist() if first else None)
 
 
 def make_batch(cfg, step, stream, shape, sched, shift, actions=False, latents=None):
@@ -166,8 +170,16 @@ def networks(cfg, device):
         T.die(f"--frames_per_block must divide the {c.frames} frames, got {fpb}")
     if meta.get("frames_per_block") not in (None, fpb):
         T.die(f"--frames_per_block {fpb} differs from the init's {meta['frames_per_block']}")
+    listed = None
+    if cfg["timesteps"]:
+        try:
+            listed = M.timestep_list(cfg["timesteps"])
+        except ValueError as e:
+            T.die(f"--timesteps {e}, got {cfg['timesteps']!r}")
+        if cfg["steps_per_block"] not in (0, len(listed)):
+            T.die(f"--steps_per_block {cfg['steps_per_block']} differs from the {len(listed)} --timesteps")
     steps = cfg["steps_per_block"] or meta.get("steps_per_block")
-    if not steps or steps <= 0:
+    if not listed and (not steps or steps <= 0):
         T.die(f"--steps_per_block must be positive, got {steps}")
     start = load(cfg["critic"], (real_meta["kind"],), device)[0] if cfg["critic"] else real
     if geometry(start.cfg) != geometry(c) or start.cfg.num_actions != c.num_actions:
@@ -175,7 +187,7 @@ def networks(cfg, device):
     critic = M.build(start.cfg).to(device)
     critic.load_state_dict(start.state_dict())
     real.requires_grad_(False)
-    return gen, real, critic, schedule(fpb, steps, c.shift), score_fpb
+    return gen, real, critic, schedule(fpb, steps, c.shift, listed), score_fpb
 
 
 def main(argv):
@@ -236,6 +248,8 @@ def main(argv):
             run.save(step + 1)
     run.close()
     counts = {k: sched[k] for k in ("frames_per_block", "steps_per_block", "first_block_steps")}
+    if cfg["timesteps"]:
+        counts["timesteps"] = sched["steps"]  # sample.py's default list for this student
     run.ship(cfg["export"], ema, mcfg, {"kind": "student", **counts, "shift": mcfg.shift,
                                         "init": os.path.basename(cfg["init"]), "real": os.path.basename(cfg["real"]),
                                         "real_guidance": cfg["real_guidance"], "steps": cfg["steps"],

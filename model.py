@@ -106,6 +106,18 @@ def timesteps(num_steps, shift=5.0):
     return (1000 * shift_sigma(sigma, shift)).float()
 
 
+def timestep_list(values):
+    """A few-step student's explicit block list ("1000,250" or [1000, 250]) -> floats, strictly descending
+    in (0, 1000]; ValueError otherwise."""
+    try:
+        ts = [float(v) for v in (values.split(",") if isinstance(values, str) else values)]
+    except (TypeError, ValueError):
+        raise ValueError("must be numbers") from None
+    if not ts or not all(0 < t <= 1000 for t in ts) or any(b >= a for a, b in zip(ts, ts[1:])):
+        raise ValueError("must be strictly descending numbers in (0, 1000]")
+    return ts
+
+
 def _sigma(t, x):
     """t [B] or [B, F] -> sigma broadcastable against x [B, C, F, H, W]."""
     t = torch.as_tensor(t, dtype=torch.float32, device=x.device)

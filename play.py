@@ -40,7 +40,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 import data  # noqa: E402
-import model as M  # noqa: E402
 import rollout  # noqa: E402
 import sample  # noqa: E402
 import trainer as T  # noqa: E402
@@ -54,13 +53,12 @@ class ModelWorld:
     step(action name) -> the next frame, uint8 [H, W, 3]."""
 
     def __init__(self, model, p, prompt, seed):
-        cfg, device = model.cfg, next(model.parameters()).device
+        device = next(model.parameters()).device
         self.model, self.p = model, p
         self.g = torch.Generator().manual_seed(seed)
         self.ctx = rollout.contexts(model, data.tokenize([prompt]).to(device), p["guidance"])
         self.cache = model.new_cache(window=p["window"], sink=p["sink"])
-        self.steps = M.timesteps(p["steps"], cfg.shift).tolist()
-        self.first = M.timesteps(p["first"], cfg.shift).tolist() if p["first"] else self.steps
+        self.steps, self.first = p["timesteps"], p["first"] or p["timesteps"]
 
     @torch.no_grad()
     def step(self, action):
@@ -81,8 +79,8 @@ def load_world(stem, device):
     cfg = model.cfg
     if not cfg.num_actions:
         T.die(f"checkpoint {stem} is not an action world model (train one with teacher.py --actions=true)")
-    flags = argparse.Namespace(frames_per_block=None, num_frames=None, steps=None, guidance=None, solver=None,
-                               first_frame=None, window=cfg.frames, sink=1)  # the checkpoint's sampler, on a rolling cache
+    flags = argparse.Namespace(frames_per_block=None, num_frames=None, steps=None, timesteps=None, guidance=None,
+                               solver=None, first_frame=None, window=cfg.frames, sink=1)  # the checkpoint's sampler, on a rolling cache
     p = sample.plan(meta, flags, cfg)
     if p["kind"] == "base" or p["fpb"] != 1:
         T.die(f"checkpoint {stem} is not frame-wise causal (kind {p['kind']}, {p['fpb']} frames per block): "

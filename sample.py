@@ -49,7 +49,10 @@ def parse_args(argv):
     p.add_argument("--num-samples", type=int, default=1, help="videos per prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-frames", type=int, help="default: the trained length; longer uses the rolling window")
-    p.add_argument("--steps", type=int, help="denoising steps per block (default: the checkpoint's)")
+    p.add_argument("--steps", type=int, help="denoising steps per block (default: the checkpoint's), on the "
+                   "warped list (students: 4 -> 1000,937.5,833.3,625; 2 -> 1000,833.3) or the 48-step grid (teachers)")
+    p.add_argument("--timesteps", help="a student's timestep list per block, comma-separated and descending in "
+                   "(0, 1000], e.g. 1000,250 (default: the checkpoint's; frame 0 keeps its own list)")
     p.add_argument("--frames-per-block", type=int, help="default: the checkpoint's")
     p.add_argument("--solver", choices=("euler", "consistency"), help="euler: the ODE (the paper's teacher "
                    "sampler); consistency: x0 at every step, re-noised with fresh noise (default: consistency for "
@@ -198,14 +201,34 @@ def plan(meta, a, cfg):
     teacher = kind in ("base", "ar_teacher")
     guidance = a.guidance if a.guidance is not None else meta.get("guidance", rollout.TEACHER_GUIDANCE if teacher else 1.0)
     if teacher:
+        if a.timesteps:
+            T.die("--timesteps is for distilled students; a teacher takes --steps on its grid")
         steps = a.steps or 48
-        return dict(kind=kind, fpb=fpb, frames=n_frames, steps=steps, first=None, solver=a.solver or rollout.TEACHER_SOLVER,
+        return dict(kind=kind, fpb=fpb, frames=n_frames, steps=steps, timesteps=M.timesteps(steps, cfg.shift).tolist(),
+                    first=None, solver=a.solver or rollout.TEACHER_SOLVER,
                     guidance=guidance, window=window, sink=a.sink if window else 0)
-    steps = a.steps or count(meta, "steps_per_block")
-    if steps is None:
-        T.die("student checkpoint JSON has no steps_per_block")
-    return dict(kind=kind, fpb=fpb, frames=n_frames, steps=steps, first=count(meta, "first_block_steps"),
+    if a.steps and a.timesteps:
+        T.die("give --steps or --timesteps, not both")
+    if a.timesteps:
+        ts = timestep_list(a.timesteps, "--timesteps")
+    elif a.steps or "timesteps" not in meta:
+        steps = a.steps or count(meta, "steps_per_block")
+        if steps is None:
+            T.die("student checkpoint JSON has no steps_per_block")
+        ts = M.timesteps(steps, cfg.shift).tolist()
+    else:
+        ts = timestep_list(meta["timesteps"], "the checkpoint JSON's timesteps")
+    first = count(meta, "first_block_steps")
+    return dict(kind=kind, fpb=fpb, frames=n_frames, steps=len(ts), timesteps=ts,
+                first=M.timesteps(first, cfg.shift).tolist() if first else None,
                 solver=a.solver or "consistency", guidance=guidance, window=window, sink=a.sink if window else 0)
+
+
+def timestep_list(values, what):
+    try:
+        return M.timestep_list(values)
+    except ValueError as e:
+        T.die(f"{what} {e}, got {values!r}")
 
 
 def blocks(model, tokens, p, seed, device, first_frame=None, actions=None):
@@ -225,9 +248,7 @@ def blocks(model, tokens, p, seed, device, first_frame=None, actions=None):
     if first_frame is not None:
         context = first_frame.to(device).expand(len(tokens), -1, -1, -1, -1)
         yield context
-    steps = M.timesteps(p["steps"], cfg.shift).tolist()
-    first = M.timesteps(p["first"], cfg.shift).tolist() if p["first"] else None
-    yield from rollout.stream(model, tokens, noise, p["fpb"], steps, p["solver"], first, p["guidance"],
+    yield from rollout.stream(model, tokens, noise, p["fpb"], p["timesteps"], p["solver"], p["first"], p["guidance"],
                               window=p["window"], sink=p["sink"], generator=g, context=context, actions=actions)
 
 
@@ -310,8 +331,8 @@ def baseline(a, device):
     if not os.path.exists(stem + ".json"):
         T.die(f"--compare needs the chunk-wise student {stem}.safetensors (train it, or pass --compare-ckpt)")
     model, meta = load(stem, device)
-    own = argparse.Namespace(**{**vars(a), "steps": None, "frames_per_block": None, "guidance": None, "solver": None,
-                                "first_frame": None})  # its own sampler, not this checkpoint's overrides
+    own = argparse.Namespace(**{**vars(a), "steps": None, "timesteps": None, "frames_per_block": None, "guidance": None,
+                                "solver": None, "first_frame": None})  # its own sampler, not this checkpoint's overrides
     return os.path.basename(stem), model, plan(meta, own, model.cfg)
 
 

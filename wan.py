@@ -171,9 +171,7 @@ def stream_video(dit, vae, context, noise, p, generator):
     causal VAE decoder as soon as it exists: frame 0 after the first latent, then 4 frames per latent.
     On CUDA the DiT runs under bf16 autocast, the VAE outside it in fp32."""
     device = noise.device
-    steps = M.timesteps(p["steps"], dit.cfg.shift).tolist()
-    first = M.timesteps(p["first"], dit.cfg.shift).tolist() if p["first"] else None
-    blocks = rollout.stream(dit, context, noise, p["fpb"], steps, "consistency", first,
+    blocks = rollout.stream(dit, context, noise, p["fpb"], p["timesteps"], "consistency", p["first"],
                             window=p["window"], sink=p["sink"], generator=generator)
     decode = vae.stream()
     while True:

@@ -346,7 +346,27 @@ def test_students_export_and_stream(ckpts, tmp_path):
     assert video.shape == (1, 6, 32, 32, 3) and video.dtype == np.uint8
 
 
+def test_an_explicit_timestep_list_is_trained_and_shipped(ckpts, tmp_path, monkeypatch):
+    """--timesteps: G's rollout steps on that list (frame 0 on the warped 4-step one), the JSON ships it and
+    sample.py samples with it by default."""
+    lists = []
+    real_denoise = rollout.denoise_block
+    monkeypatch.setattr(rollout, "denoise_block",
+                        lambda m, x, ts, *a, **k: lists.append([round(t, 1) for t in ts]) or real_denoise(m, x, ts, *a, **k))
+    stem = str(tmp_path / "listed")
+    dmd.main(args(ckpts, tmp_path / "run", "--steps=1", "--timesteps=1000,250", f"--export={stem}"))
+    first = [round(t, 1) for t in M.timesteps(4, CFG.shift).tolist()]
+    assert lists and all(ts in ([1000.0, 250.0], first) for ts in lists) and [1000.0, 250.0] in lists
+    meta = json.load(open(stem + ".json"))
+    assert (meta["steps_per_block"], meta["first_block_steps"], meta["timesteps"]) == (2, 4, [1000.0, 250.0])
+    lists.clear()
+    sample.main(["--ckpt", stem, "--out", str(tmp_path / "v.png")])
+    assert lists == [first] + [[1000.0, 250.0]] * (CFG.frames - 1)
+
+
 @pytest.mark.parametrize("extra,message", [
+    (["--timesteps=1000,abc"], "--timesteps must be numbers"),
+    (["--timesteps=1000,500,250"], "--steps_per_block 2 differs from the 3 --timesteps"),
     (["--critic_updates=0"], "--critic_updates must be positive"),
     (["--frames_per_block=3"], "differs from the init's 1"),
     (["--frames_per_block=4"], "must divide the 6 frames"),

@@ -183,6 +183,28 @@ def test_first_frame_is_cached_context(ck, tmp_path):
     assert not np.array_equal(videos[0][:, 1:], videos[1][:, 1:])  # the rest depends on the given frame
 
 
+def test_a_students_timestep_list_comes_from_its_json_or_timesteps(ck, monkeypatch):
+    """dmd.py --timesteps ships an explicit block list in the JSON; sample.py samples it by default,
+    --timesteps overrides it, --steps goes back to the warped list; frame 0 keeps its 4-step list."""
+    lists = []
+    real_denoise = rollout.denoise_block
+    monkeypatch.setattr(rollout, "denoise_block",
+                        lambda m, x, ts, *a, **k: lists.append([round(t, 1) for t in ts]) or real_denoise(m, x, ts, *a, **k))
+    model, meta = sample.load(ck["fw"], torch.device("cpu"))
+    warped = lambda n: [round(t, 1) for t in M.timesteps(n, model.cfg.shift).tolist()]
+    first = warped(4)
+    for json_list, flags, want in ((None, [], warped(2)), ([1000, 250], [], [1000.0, 250.0]),
+                                   ([1000, 250], ["--timesteps", "1000,500,100"], [1000.0, 500.0, 100.0]),
+                                   ([1000, 250], ["--steps", "1"], [1000.0])):
+        lists.clear()
+        listed = {**meta, "timesteps": json_list} if json_list else meta
+        p = sample.plan(listed, sample.parse_args(flags), model.cfg)
+        sample.run(model, data.tokenize(["red circle"]), p, 0, torch.device("cpu"))
+        assert lists == [first] + [want] * 5 and p["steps"] == len(want), (json_list, flags, lists)
+    with pytest.raises(SystemExit):  # a bad list in the JSON is one line too, not a traceback
+        sample.plan({**meta, "timesteps": [250, 1000]}, sample.parse_args([]), model.cfg)
+
+
 @pytest.fixture(scope="module")
 def bad(ck):
     d = ck["dir"]
@@ -233,6 +255,11 @@ CASES = [
     (["--first-frame={d}/ok.png", "--ckpt={d}/cw4"], "needs a frame-wise causal checkpoint"),
     (["--first-frame={d}/ok.png", "--ckpt={d}/base"], "needs a frame-wise causal checkpoint"),
     (["--compare", "--compare-ckpt={d}/missing"], "--compare needs the chunk-wise student"),
+    (["--timesteps=1000,abc"], "--timesteps must be numbers"),
+    (["--timesteps=250,1000"], "strictly descending numbers in (0, 1000]"),
+    (["--timesteps=1000,0"], "strictly descending numbers in (0, 1000]"),
+    (["--timesteps=1000,250", "--steps=2"], "give --steps or --timesteps, not both"),
+    (["--timesteps=1000,250", "--ckpt={d}/base"], "--timesteps is for distilled students"),
 ]
 
 
