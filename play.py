@@ -9,8 +9,8 @@ The page runs a loop: it POSTs the arrow key held right now to /step, the server
 frame for that action (the frame-wise sampler of sample.py: one 1-frame block on top of the KV cache of the
 frames before) and answers with its pixels; the page draws it and asks for the next, at most --fps times a
 second. Asking frame by frame instead of queueing frames ahead keeps the delay from key to picture at one
-frame. The cache rolls (a window of the trained length with one sink frame, as sample.py does past the
-trained length), so a session runs indefinitely. Every page has its own session: prompt, noise and cache.
+frame. The cache rolls (a window of the trained length, as sample.py does past the trained length), so a
+session runs indefinitely. Every page has its own session: prompt, noise and cache.
 
 The protocol, JSON over HTTP (standard library only):
     GET  /                                   the page (no build step: HTML and a little JavaScript)
@@ -79,8 +79,9 @@ def load_world(stem, device):
     cfg = model.cfg
     if not cfg.num_actions:
         T.die(f"checkpoint {stem} is not an action world model (train one with teacher.py --actions=true)")
+    # the checkpoint's sampler, on a rolling cache
     flags = argparse.Namespace(frames_per_block=None, num_frames=None, steps=None, timesteps=None, guidance=None,
-                               solver=None, first_frame=None, window=cfg.frames, sink=1)  # the checkpoint's sampler, on a rolling cache
+                               solver=None, first_frame=None, window=cfg.frames, sink=sample.SINK)
     p = sample.plan(meta, flags, cfg)
     if p["kind"] == "base" or p["fpb"] != 1:
         T.die(f"checkpoint {stem} is not frame-wise causal (kind {p['kind']}, {p['fpb']} frames per block): "

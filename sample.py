@@ -31,6 +31,8 @@ import trainer as T
 DEFAULT_CKPTS = ("checkpoints/cfpp_framewise_2step", "checkpoints/ar_teacher_framewise", "checkpoints/base")
 COMPARE_CKPT = "checkpoints/cf_chunkwise_4step"  # Causal Forcing, chunk-wise 4-step: the baseline to beat
 FPS = 8
+SINK = 0  # frames the rolling window keeps for good. 0 measured best (README, "Four times the trained length"):
+# cached keys carry absolute RoPE positions, so a kept frame 0 sits further back than any offset seen in training
 
 
 def parse_args(argv):
@@ -60,7 +62,7 @@ def parse_args(argv):
     p.add_argument("--guidance", type=float, help=f"classifier-free guidance (teachers; default {rollout.TEACHER_GUIDANCE:g})")
     p.add_argument("--window", type=int, help="rolling KV window in frames (default: the trained length "
                    "when --num-frames exceeds it)")
-    p.add_argument("--sink", type=int, default=1, help="sink frames kept in the rolling window")
+    p.add_argument("--sink", type=int, default=SINK, help=f"sink frames kept in the rolling window (default {SINK})")
     p.add_argument("--first-frame", metavar="PATH.png", help="image-to-video: this RGB frame (the model's "
                    "size, 32x32) is written into the cache at t = 0 as frame 0 and the rest is generated")
     p.add_argument("--actions", help='a world model\'s action per frame, NAME or NAME*COUNT, comma-separated, '

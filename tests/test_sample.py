@@ -88,14 +88,17 @@ def test_longer_than_trained_uses_the_rolling_window(ck, tmp_path, monkeypatch):
         npy = tmp_path / "long.npy"
         sample.main(["--ckpt", stem, f"--num-frames={frames}", f"--out={tmp_path / 'long.png'}", f"--save-npy={npy}"])
         assert np.load(npy).shape == (1, frames, 32, 32, 3)
-    assert [a[2:] for a in caches] == [(6, 1), (6, 1)]  # window = the trained 6 frames, one sink frame
+    assert [a[2:] for a in caches] == [(6, sample.SINK)] * 2  # window = the trained 6 frames
+    caches.clear()
+    sample.main(["--ckpt", ck["fw"], "--num-frames=14", "--sink=2", f"--out={tmp_path / 'long.png'}"])
+    assert [a[2:] for a in caches] == [(6, 2)]
 
 
 def test_window_as_wide_as_the_video_changes_nothing(ck):
     model, meta = sample.load(ck["fw"], torch.device("cpu"))
     tokens = data.tokenize(["red circle"])
     videos = [sample.run(model, tokens, sample.plan(meta, sample.parse_args(extra), model.cfg), 3, torch.device("cpu"))
-              for extra in ([], ["--window=6", "--sink=0"])]
+              for extra in ([], ["--window=6", "--sink=1"])]
     assert torch.equal(*videos)
 
 
