@@ -1,7 +1,9 @@
 """CPU benchmark of model.py (fp32, no grad):
 
 1. our forward vs diffusers' WanTransformer3DModel at the same config and the same weights;
-2. KV-cache decode time per frame as the video grows, full cache vs rolling window.
+2. KV-cache decode time per frame as the video grows, full cache vs rolling window;
+3. first-frame latency, frame-wise (frame 0: 4 steps of one frame) vs chunk-wise (4 steps of a 3-frame
+   block), as the frames grow: the paper's latency claim is about compute-bound forwards.
 
     python bench_model.py [--quick] [--threads 2]
 
@@ -20,7 +22,9 @@ from dataclasses import replace
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads libgomp
 import torch  # noqa: E402
 
+import data  # noqa: E402
 import model as M  # noqa: E402
+import rollout  # noqa: E402
 
 # A small Wan-shaped model, and the toy preset (which diffusers can express too: 4x4 patches, 3 channels).
 SMALL = M.Config(dim=256, ffn_dim=1024, num_heads=4, num_layers=4, text_dim=64, text_len=16)
@@ -29,6 +33,7 @@ PARITY_CASES = [("small", SMALL, (1, 16, 6, 16, 16)), ("small", SMALL, (2, 16, 1
                 ("toy", TOY, (1, 3, 12, 32, 32)), ("toy", TOY, (8, 3, 12, 32, 32))]
 DECODE_FRAMES, WINDOW, SINK = 48, 12, 1
 SHOW_FRAMES = [1, 2, 4, 8, 12, 24, 36, 48]
+LATENCY_SIDES = (32, 64, 128)  # toy frames of 64, 256 and 1,024 tokens (a Wan-1.3B latent frame has 1,560)
 
 
 def ms(fn):
@@ -145,6 +150,26 @@ def bench_decode(reps, batches=(1, 8)):
           f"\n   {fresh}")
 
 
+def bench_latency(reps):
+    print(f"\n3. first-frame latency, toy model (random weights) on larger frames: the first block of a fresh "
+          f"stream\n   (text encoding + 4 warped steps; what sample.py --bench times), frame-wise 1 frame vs "
+          f"chunk-wise 3 frames\n   (median of {reps}, interleaved)")
+    print(f"   {'frame':7s} {'tokens/frame':>12s} {'1 frame ms':>10s} {'3 frames ms':>11s} {'ratio':>6s}")
+    for side in LATENCY_SIDES:
+        cfg = replace(M.get_config("toy"), height=side, width=side)
+        torch.manual_seed(0)
+        m = M.build(cfg).eval()
+        tokens, steps = data.tokenize(["red circle"]), M.timesteps(4, cfg.shift).tolist()
+
+        def first_block(frames):
+            noise = torch.randn(1, cfg.in_dim, frames, side, side)  # one block: stream yields it, commits nothing
+            return lambda: next(rollout.stream(m, tokens, noise, frames, steps, generator=torch.Generator()))
+        a, b = interleaved([first_block(1), first_block(3)], reps)
+        per_frame = side * side // (cfg.patch_size[1] * cfg.patch_size[2])
+        print(f"   {side:3d}x{side:<3d} {per_frame:12d} {statistics.median(a):10.1f} {statistics.median(b):11.1f} "
+              f"{paired_ratio(a, b):6.2f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (noisier)")
@@ -158,6 +183,7 @@ def main():
     with torch.no_grad():
         bench_vs_diffusers(reps=4 if args.quick else 15)
         bench_decode(reps=3 if args.quick else 15)
+        bench_latency(reps=3 if args.quick else 10)
     print(f"\nload average {load()}")
 
 

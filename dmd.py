@@ -1,6 +1,6 @@
 """Stage 3: DMD finetuning with self-forcing rollouts; it makes the few-step students that sample.py streams.
 
-    python dmd.py --init=checkpoints/causal_cd_framewise --steps_per_block=2 --export=checkpoints/cfpp_framewise_2step
+    python dmd.py --init=checkpoints/causal_cd_framewise --timesteps=1000,250 --export=checkpoints/cfpp_framewise_2step
     python dmd.py --init=checkpoints/causal_cd_framewise --steps_per_block=1 --export=checkpoints/cfpp_framewise_1step
     python dmd.py --init=checkpoints/causal_ode_chunkwise --frames_per_block=3 --steps_per_block=4 \
                   --export=checkpoints/cf_chunkwise_4step

@@ -37,7 +37,7 @@ ROWS = (  # the paper's table: label, shipped checkpoint, how to make it
     ("Causal Forcing: causal ODE init + DMD, chunk-wise 4-step", "cf_chunkwise_4step",
      "python dmd.py --init=checkpoints/causal_ode_chunkwise --frames_per_block=3 --steps_per_block=4"),
     ("CF++: causal CD init + DMD, frame-wise 2-step", "cfpp_framewise_2step",
-     "python dmd.py --init=checkpoints/causal_cd_framewise --steps_per_block=2"),
+     "python dmd.py --init=checkpoints/causal_cd_framewise --timesteps=1000,250"),
     ("CF++: causal CD init + DMD, frame-wise 1-step", "cfpp_framewise_1step",
      "python dmd.py --init=checkpoints/causal_cd_framewise --steps_per_block=1"),
 )
@@ -48,9 +48,9 @@ ABLATION = (  # stage-2 students before DMD, sampled frame-wise at 1, 2 and 4 st
 )
 AFTER_DMD = (  # the frame-wise 2-step pair after DMD: only the init differs
     ("causal ODE init + DMD", "ode_framewise_2step",
-     "python dmd.py --init=checkpoints/causal_ode_framewise --steps_per_block=2"),
+     "python dmd.py --init=checkpoints/causal_ode_framewise --timesteps=1000,250"),
     ("causal CD init + DMD (CF++)", "cfpp_framewise_2step",
-     "python dmd.py --init=checkpoints/causal_cd_framewise --steps_per_block=2"),
+     "python dmd.py --init=checkpoints/causal_cd_framewise --timesteps=1000,250"),
 )
 SHOWN = (0, 4, 8, 9, 13, 17)  # the prompts on the contact sheets: every colour, every shape twice
 READING_MARK = "<!-- Everything below this line is written by hand and kept when report.py rewrites the file. -->"
