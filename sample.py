@@ -17,6 +17,7 @@ the PNG contact sheet is written at the end.
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -31,6 +32,7 @@ import trainer as T
 DEFAULT_CKPTS = ("checkpoints/cfpp_framewise_2step", "checkpoints/ar_teacher_framewise", "checkpoints/base")
 COMPARE_CKPT = "checkpoints/cf_chunkwise_4step"  # Causal Forcing, chunk-wise 4-step: the baseline to beat
 FPS = 8
+BENCH_REPS = 5  # --bench: timed videos per checkpoint (medians; --compare's ratio is the median of paired ratios)
 SINK = 0  # frames the rolling window keeps for good. 0 measured best (README, "Four times the trained length"):
 # cached keys carry absolute RoPE positions, so a kept frame 0 sits further back than any offset seen in training
 
@@ -263,20 +265,33 @@ def run(model, tokens, p, seed, device, on_block=None, first_frame=None, actions
     return torch.cat(out, dim=2)
 
 
-def bench(model, tokens, p, seed, device, first_frame=None, actions=None):
-    """First-frame latency (until the first generated block exists) and frames/s of one video."""
+def time_video(model, tokens, p, seed, device, first_frame=None, actions=None):
+    """-> (first-frame latency s, frames/s) of one video of tokens[0]: the latency runs until the first
+    generated block exists."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     actions = None if actions is None else actions[:1]
-    next(blocks(model, tokens[:1], p, seed, device, actions=actions))  # warm-up: one-off costs are not latency
-    sync()
     marks, t0 = [], time.perf_counter()
     for _ in blocks(model, tokens[:1], p, seed, device, first_frame, actions):
         sync()
         marks.append(time.perf_counter())
     given = 0 if first_frame is None else 1
-    return {"first_frame_latency_s": round(marks[given] - t0, 4),
-            "frames_per_s": round((p["frames"] - given) / (marks[-1] - t0), 2),
+    return marks[given] - t0, (p["frames"] - given) / (marks[-1] - t0)
+
+
+def bench(cases, reps=BENCH_REPS):
+    """Time `reps` videos of each case, a tuple of time_video's seven arguments, round-robin (A, B, A, B,
+    ...) after one warm-up block each (one-off costs are not latency), so that a change in the machine's
+    load hits every case alike. -> ([per case: median latency and frames/s], the median over rounds of
+    case 0's latency / case 1's, or None for one case)."""
+    for model, tokens, p, seed, device, _, actions in cases:
+        next(blocks(model, tokens[:1], p, seed, device, actions=None if actions is None else actions[:1]))
+    rounds = [[time_video(*case) for case in cases] for _ in range(reps)]
+    out = [{"first_frame_latency_s": round(statistics.median(r[i][0] for r in rounds), 4),
+            "frames_per_s": round(statistics.median(r[i][1] for r in rounds), 2),
             "frames_per_block": p["frames"] if p["kind"] == "base" else p["fpb"], "steps": p["steps"]}
+           for i, (_, _, p, *_) in enumerate(cases)]
+    ratio = statistics.median(r[0][0] / r[1][0] for r in rounds) if len(cases) > 1 else None
+    return out, ratio
 
 
 class VideoWriter:
@@ -359,12 +374,15 @@ def main(argv=None):
     print(f"{os.path.basename(stem)} ({p['kind']}): {len(prompts)} video(s) x {p['frames']} frames, "
           f"{p['steps']} steps per block, guidance {p['guidance']}", file=sys.stderr)
     if a.bench:
-        result = {"checkpoint": os.path.basename(stem), **bench(model, tokens, p, a.seed, device, first_frame, actions)}
+        cases = [(model, tokens, p, a.seed, device, first_frame, actions)]
         if other:
             name, other_model, other_p = other
-            result["compare"] = {"checkpoint": name, **bench(other_model, tokens, other_p, a.seed, device)}
-            result["latency_ratio"] = round(result["first_frame_latency_s"]
-                                            / result["compare"]["first_frame_latency_s"], 4)
+            cases.append((other_model, tokens, other_p, a.seed, device, None, None))
+        timed, ratio = bench(cases)
+        result = {"checkpoint": os.path.basename(stem), **timed[0]}
+        if other:
+            result["compare"] = {"checkpoint": name, **timed[1]}
+            result["latency_ratio"] = round(ratio, 4)
         print(json.dumps(result))
         return
     try:
