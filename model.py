@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from kernels.mask import block_mask
+from causal_flash.mask import block_mask
 
 # ----------------------------------------------------------------------------------------------------
 # Configs
@@ -209,9 +209,9 @@ def apply_rope(x, rotation):
 
 
 def attention(q, k, v, tokens_per_block=None, clean_len=0, backend="auto"):
-    """q, k, v [B, H, L, D] -> [B, H, Lq, D]; the mask (if any) is the rule of kernels/mask.py."""
+    """q, k, v [B, H, L, D] -> [B, H, Lq, D]; the mask (if any) is the rule of causal_flash/mask.py."""
     if backend == "triton" or (backend == "auto" and q.is_cuda):
-        from kernels.flash_attention import flash_attention
+        from causal_flash.flash_attention import flash_attention
         return flash_attention(q, k, v, tokens_per_block=tokens_per_block, clean_len=clean_len)
     mask = None if tokens_per_block is None else block_mask(q.shape[2], tokens_per_block, clean_len, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

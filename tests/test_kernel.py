@@ -1,4 +1,4 @@
-"""The Triton flash-attention kernel equals SDPA under kernels/mask.py's mask, forward and backward, and never
+"""The Triton flash-attention kernel equals SDPA under causal_flash/mask.py's mask, forward and backward, and never
 loads a tile the mask hides. On CPU it runs in Triton's interpreter (conftest.py), on CUDA natively."""
 import itertools
 import os
@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("triton")
-from kernels.flash_attention import flash_attention, launch_config  # noqa: E402
-from kernels.mask import block_mask  # noqa: E402
+from causal_flash.flash_attention import flash_attention, launch_config  # noqa: E402
+from causal_flash.mask import block_mask  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 # small tiles give many (and partial) tiles out of short sequences; on CUDA the default launch tiles run too
@@ -48,7 +48,7 @@ def make_qkv(B, H, Lq, Lk, D, dtype, seed=0):
 
 
 def reference(q, k, v, tpb, clean_len):
-    """SDPA in fp32 with the boolean mask of kernels/mask.py (None: no mask)."""
+    """SDPA in fp32 with the boolean mask of causal_flash/mask.py (None: no mask)."""
     mask = None if tpb is None else block_mask(q.shape[2], tpb, clean_len, device=q.device)
     return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
 
@@ -134,7 +134,7 @@ AOT = """
 import sys, torch, triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-import kernels.flash_attention as fa
+import causal_flash.flash_attention as fa
 
 def build(kernel, dtype, D, launch=(64, 64, 4, 2), **constexprs):
     bm, bn, warps, stages = launch

@@ -1,5 +1,7 @@
 """The DiT's mechanisms: masks, caches, teacher forcing, rolling window, Wan parity, the scheduler."""
+import importlib.metadata
 import json
+import os
 
 import pytest
 import torch
@@ -303,3 +305,15 @@ def test_outputs_equal_with_the_triton_kernel_forced_on_and_off(mode):
         with torch.no_grad():
             outputs[backend] = forward()
     assert torch.allclose(outputs["sdpa"], outputs["triton"], atol=1e-4)
+
+
+def test_no_module_of_ours_shadows_an_installed_package():
+    """The repo root comes first on sys.path, so a top-level module named like an installed package hides
+    that package from every library importing it. Our Triton package was `kernels/` until transformers
+    began importing Hugging Face's `kernels` (installed beside transformers 5.25), which broke umT5 loading."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ours = {f[:-3] for f in os.listdir(root) if f.endswith(".py")}
+    ours |= {d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "__init__.py"))}
+    installed = importlib.metadata.packages_distributions()
+    assert "model" in ours and "causal_flash" in ours
+    assert not {name: installed[name] for name in ours if name in installed}

@@ -1,7 +1,7 @@
 """Flash attention in Triton for every attention the model runs: bidirectional, block-causal, teacher forcing
 and cached decode, with an FA2-style Triton backward.
 
-Shapes are [B, H, L, D] with any batch/head/token strides. The block mask of kernels/mask.py is computed from
+Shapes are [B, H, L, D] with any batch/head/token strides. The block mask of causal_flash/mask.py is computed from
 token indices inside the kernel, and key tiles that a query tile cannot see are never loaded. This matters most
 for teacher forcing, where a noisy query sees about a quarter of the keys.
 
@@ -21,7 +21,7 @@ NONE, BLOCK_CAUSAL, TEACHER = 0, 1, 2  # the MODE constexpr
 
 @triton.jit
 def _visible(qi, ki, C, T, MODE: tl.constexpr):
-    """kernels/mask.py's rule for broadcastable query/key token indices (only used when MODE != NONE)."""
+    """causal_flash/mask.py's rule for broadcastable query/key token indices (only used when MODE != NONE)."""
     if MODE == 1:
         vis = ki // T <= qi // T
     else:
@@ -295,7 +295,7 @@ def flash_attention(q, k, v, tokens_per_block=None, clean_len=0, scale=None, *, 
     """softmax(q k^T * scale + mask) v for q [B, H, Lq, D] and k, v [B, H, Lk, D]; differentiable.
 
     tokens_per_block=None: no mask (bidirectional, or decode against a KV cache where Lq != Lk).
-    Otherwise the block mask of kernels/mask.py (Lq == Lk), with clean_len > 0 for teacher forcing.
+    Otherwise the block mask of causal_flash/mask.py (Lq == Lk), with clean_len > 0 for teacher forcing.
     tiles=(BLOCK_M, BLOCK_N) overrides the launch tiles (tests use it to get many partial tiles).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale

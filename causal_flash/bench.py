@@ -1,7 +1,7 @@
 """Times the Triton kernel against torch's SDPA backends at the toy and Wan2.1-1.3B shapes, then the full
 model's KV-cached streaming. CUDA only; elsewhere it says so and exits 0.
 
-    python kernels/bench.py [--quick]
+    python causal_flash/bench.py [--quick]
 """
 import argparse
 import os
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels.mask import block_mask  # noqa: E402
+from causal_flash.mask import block_mask  # noqa: E402
 
 WAN_S = 1560  # tokens per latent frame at 480x832: 30 x 52 patches
 
@@ -64,7 +64,7 @@ def try_ms(fn, reps):
 
 
 def bench_kernel(quick):
-    from kernels.flash_attention import flash_attention
+    from causal_flash.flash_attention import flash_attention
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     warnings.simplefilter("ignore", UserWarning)  # SDPA explains every backend it cannot use
@@ -177,7 +177,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("kernels/bench.py: no CUDA device, nothing to time (the tests run the kernel in Triton's interpreter).")
+        print("causal_flash/bench.py: no CUDA device, nothing to time (the tests run the kernel in Triton's interpreter).")
         return
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     bench_kernel(args.quick)
