@@ -371,8 +371,9 @@ def main(argv=None):
     p = plan(meta, a, model.cfg)
     actions = read_actions(a, model.cfg, p, len(prompts))
     other = baseline(a, device) if a.compare else None  # every check before any work
+    listed = f" (t = {', '.join(f'{t:g}' for t in p['timesteps'])})" if p["kind"] == "student" else ""
     print(f"{os.path.basename(stem)} ({p['kind']}): {len(prompts)} video(s) x {p['frames']} frames, "
-          f"{p['steps']} steps per block, guidance {p['guidance']}", file=sys.stderr)
+          f"{p['steps']} steps per block{listed}, guidance {p['guidance']}", file=sys.stderr)
     if a.bench:
         cases = [(model, tokens, p, a.seed, device, first_frame, actions)]
         if other:
