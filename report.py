@@ -63,8 +63,9 @@ SCORES = ("total", "quality", "semantic") + E.QUALITY + E.SEMANTIC + ("fd",)
 
 
 def measure(stem, flags, prompts, seed, device, reps):
-    """Sample `prompts` (one video each) as `sample.py --ckpt STEM FLAGS` would, score them and time
-    `reps` videos (medians). -> (scores, timing, uint8 videos) or None when the checkpoint is not there."""
+    """Sample `prompts` (one video each) as `sample.py --ckpt STEM FLAGS` would, score them and, when `reps`
+    is set, time that many videos (medians). -> (scores, timing or None, uint8 videos) or None when the
+    checkpoint is not there."""
     if not os.path.exists(stem + ".json"):
         return None
     model, meta = S.load(stem, device)
@@ -72,7 +73,7 @@ def measure(stem, flags, prompts, seed, device, reps):
     tokens = data.tokenize(prompts)
     with torch.no_grad():
         videos = data.to_uint8(S.run(model, tokens, p, seed, device))
-        timing = S.bench([(model, tokens, p, seed, device, None, None)], reps)[0][0]
+        timing = S.bench([(model, tokens, p, seed, device, None, None)], reps)[0][0] if reps else None
     scores = E.evaluate(videos, prompts)
     scores["fd"] = E.frechet_distance(real_clips(videos.shape[1]), videos)
     return scores, timing, videos
@@ -237,17 +238,17 @@ def main(argv=None):
     teacher_flags = ["--steps", "12"] if a.quick else []
     reps = 2 if a.quick else S.BENCH_REPS
 
-    def run(name, flags=()):
+    def run(name, flags=(), timed=False):  # only the main table shows timings
         stem = os.path.join(a.checkpoints, name)
         kind = json.load(open(stem + ".json")).get("kind") if os.path.exists(stem + ".json") else None
         got = measure(stem, (teacher_flags if kind in ("base", "ar_teacher") else []) + list(flags),
-                      prompts, a.seed, device, reps)
+                      prompts, a.seed, device, reps if timed else 0)
         print(f"  {name} {' '.join(flags)}: " + ("not shipped" if got is None else f"Total {got[0]['total']:.3f}"),
               file=sys.stderr)
         return None if got is None else (*got, stem)
 
     print("sampling the table's rows", file=sys.stderr)
-    main_rows = {name: run(name) for _, name, _ in ROWS}
+    main_rows = {name: run(name, timed=True) for _, name, _ in ROWS}
     ablation = {name: {n: run(name, ["--steps", str(n), "--frames-per-block", "1"]) for n in (1, 2, 4)}
                 for _, name, _ in ABLATION}
     ablation = {name: r for name, r in ablation.items() if r[1] is not None}
