@@ -42,6 +42,10 @@ DEFAULTS = dict(
     real="checkpoints/base",  # the frozen real score and the critic's start: the bidirectional base (or a Wan folder),
     # or an AR teacher, which scores the rollout teacher-forced (a world model whose base ignores the actions)
     critic="",  # the critic's start when it is not the real score (the paper pairs a 14B real score with a 1.3B critic)
+    first_real="",  # frame-wise only: an AR teacher that also scores frame 0 alone (an image: it has no history),
+    # with its own critic; the frame the video scores judge worst (not in the paper; README, stage 3)
+    first_guidance=0.5,  # that score's guidance in the DMD form (0.5 = weight 1.5, the teacher's sampler)
+    first_weight=1.0,  # the frame-0 term's weight beside the video's
     data="",  # a latent data set (`python wan.py encode`): a Wan-scale G draws its prompts' umT5 contexts
     frames_per_block=0,  # 0 = the init's (1 frame-wise, 3 chunk-wise)
     steps_per_block=0,  # 0 = the init's; frame-wise students below 4 steps give frame 0 a 4-step list
@@ -138,6 +142,24 @@ def dmd_loss(x, real, critic, tokens, t, eps, scale, actions=None, score_fpb=Non
     return 0.5 * F.mse_loss(x, (x - g).detach()), g
 
 
+def generator_loss(x, b, cfg, real, critic, score_fpb=None, first=None):
+    """G's loss on its rollout x: the video's DMD term; with `first` = (an AR teacher, its critic), plus
+    first_weight x the DMD term of frame 0 alone, scored by that pair (one frame: nothing to force)."""
+    loss, _ = dmd_loss(x, real, critic, b["tokens"], b["t"], b["eps"], cfg["real_guidance"], b.get("actions"),
+                       score_fpb)
+    if first:
+        x0, eps0, a0 = frame0(b, x)
+        first_loss, _ = dmd_loss(x0, *first, b["tokens"], b["t"], eps0, cfg["first_guidance"], a0)
+        loss = loss + cfg["first_weight"] * first_loss
+    return loss
+
+
+def frame0(b, x):
+    """(x, eps, actions) of frame 0 alone, for the frame-0 score pair (`first_real`)."""
+    a = b.get("actions")
+    return x[:, :, :1], b["eps"][:, :, :1], None if a is None else a[:, :1]
+
+
 def critic_loss(critic, x, tokens, t, eps, actions=None, score_fpb=None):
     """Flow matching on G's samples: the critic learns the score of what G draws now."""
     x_t = M.add_noise(x, eps, t)
@@ -187,7 +209,17 @@ def networks(cfg, device):
     critic = M.build(start.cfg).to(device)
     critic.load_state_dict(start.state_dict())
     real.requires_grad_(False)
-    return gen, real, critic, schedule(fpb, steps, c.shift, listed), score_fpb
+    first = None
+    if cfg["first_real"]:
+        if fpb != 1:
+            T.die("--first_real scores frame 0 alone: it needs a frame-wise student (--frames_per_block 1)")
+        first_real = load(cfg["first_real"], ("ar_teacher",), device)[0]
+        if geometry(first_real.cfg) != geometry(c) or first_real.cfg.num_actions != c.num_actions:
+            T.die(f"--first_real {cfg['first_real']} draws other videos than --init {cfg['init']}")
+        first_critic = M.build(first_real.cfg).to(device)
+        first_critic.load_state_dict(first_real.state_dict())
+        first = (first_real.requires_grad_(False), first_critic)
+    return gen, real, critic, schedule(fpb, steps, c.shift, listed), score_fpb, first
 
 
 def main(argv):
@@ -198,7 +230,7 @@ def main(argv):
     rank, world, device = T.setup_distributed()
     if cfg["device"]:
         device = torch.device(cfg["device"])
-    gen, real, critic, sched, score_fpb = networks(cfg, device)
+    gen, real, critic, sched, score_fpb, first = networks(cfg, device)
     mcfg = gen.cfg
     latents = None
     if cfg["data"]:
@@ -213,9 +245,15 @@ def main(argv):
     adamw = lambda net, lr: torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.0, 0.999),
                                               weight_decay=cfg["weight_decay"])
     opt_g, opt_c = adamw(gen, cfg["lr"]), adamw(critic, cfg["critic_lr"])
+    modules, optimizers = {"generator": gen, "critic": critic}, {"generator": opt_g, "critic": opt_c}
+    if first:  # frame 0's own score pair: the frozen AR teacher and its critic, trained like the video critic
+        first_critic, first_critic_ddp = T.parallelize(first[1], cfg["parallel"], device, cfg["checkpointing"])
+        first = (first[0], first_critic)
+        modules["first_critic"] = first_critic
+        optimizers["first_critic"] = opt_f = adamw(first_critic, cfg["critic_lr"])
     run = T.Run(out, cfg["steps"], {"kind": "train_dmd", "config": asdict(mcfg), "train": cfg},
-                modules={"generator": gen, "critic": critic}, emas={"generator": ema},
-                optimizers={"generator": opt_g, "critic": opt_c}, rank=rank, world=world, log_every=cfg["log_every"])
+                modules=modules, emas={"generator": ema}, optimizers=optimizers, rank=rank, world=world,
+                log_every=cfg["log_every"])
     local = T.local_slice(cfg["batch_size"], rank, world)
     rows = (local, cfg["batch_size"]) if world > 1 else None
     shape = (mcfg.in_dim, mcfg.frames, mcfg.height, mcfg.width)
@@ -230,9 +268,8 @@ def main(argv):
             b = batch(step, 0)
             with T.autocast(device, cfg["bf16"]):
                 x = self_forcing(gen_ddp, b, sched, rows)
-                loss, _ = dmd_loss(x, real, critic, b["tokens"], b["t"], b["eps"], cfg["real_guidance"],
-                                   b.get("actions"), score_fpb)
-            last = dict(dmd_loss=run.check(loss, step),  # = mean g^2 / 2
+                loss = generator_loss(x, b, cfg, real, critic, score_fpb, first)
+            last = dict(dmd_loss=run.check(loss, step),  # = mean g^2 / 2 (+ the frame-0 term's, weighted)
                         gen_grad_norm=T.optimizer_step(opt_g, loss, cfg["lr"], cfg["grad_clip"]))
             n = step // cfg["critic_updates"]
             ema.update(gen, min(cfg["ema"], (1 + n) / (10 + n)))  # warm-up: early EMA tracks the weights
@@ -243,6 +280,12 @@ def main(argv):
             loss = critic_loss(critic_ddp, x, b["tokens"], b["t"], b["eps"], b.get("actions"), score_fpb)
         value = run.check(loss, step)
         grad_norm = T.optimizer_step(opt_c, loss, cfg["critic_lr"], cfg["grad_clip"])
+        if first:
+            x0, eps0, a0 = frame0(b, x)
+            with T.autocast(device, cfg["bf16"]):
+                loss = critic_loss(first_critic_ddp, x0, b["tokens"], b["t"], eps0, a0)
+            last["first_critic_loss"] = run.check(loss, step)
+            T.optimizer_step(opt_f, loss, cfg["critic_lr"], cfg["grad_clip"])
         run.log(step + 1, critic_loss=value, critic_grad_norm=grad_norm, **last)
         if (step + 1) % cfg["ckpt_every"] == 0 or step + 1 == cfg["steps"]:
             run.save(step + 1)
@@ -253,7 +296,10 @@ def main(argv):
     run.ship(cfg["export"], ema, mcfg, {"kind": "student", **counts, "shift": mcfg.shift,
                                         "init": os.path.basename(cfg["init"]), "real": os.path.basename(cfg["real"]),
                                         "real_guidance": cfg["real_guidance"], "steps": cfg["steps"],
-                                        "batch_size": cfg["batch_size"]})
+                                        "batch_size": cfg["batch_size"],
+                                        **({"first_real": os.path.basename(cfg["first_real"]),
+                                            "first_guidance": cfg["first_guidance"],
+                                            "first_weight": cfg["first_weight"]} if first else {})})
     T.teardown_distributed()
 
 

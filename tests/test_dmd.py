@@ -45,7 +45,10 @@ def ckpts(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ckpts")
     teacher.main(["--model=toy-tiny", "--steps=1", "--batch_size=2", "--bf16=false", f"--out={tmp / 'run'}",
                   f"--export={tmp / 'base'}"])
-    return dict(base=str(tmp / "base"), fw=student(str(tmp / "cd_fw"), 1, 4), cw=student(str(tmp / "ode_cw"), 3, 4))
+    teacher.main(["--model=toy-tiny", "--stage=ar", f"--init={tmp / 'base'}", "--steps=1", "--batch_size=2",
+                  "--bf16=false", f"--out={tmp / 'ar_run'}", f"--export={tmp / 'ar'}"])
+    return dict(base=str(tmp / "base"), ar=str(tmp / "ar"), fw=student(str(tmp / "cd_fw"), 1, 4),
+                cw=student(str(tmp / "ode_cw"), 3, 4))
 
 
 def batch(sched, seed=0, n=2):
@@ -176,7 +179,8 @@ def same(net, snap):
 
 def test_each_optimiser_moves_only_its_network_and_the_real_score_stays_frozen(ckpts):
     cfg = {**dmd.DEFAULTS, "init": ckpts["fw"], "real": ckpts["base"], "steps_per_block": 2}
-    gen, real, critic, sched, _ = dmd.networks(cfg, torch.device("cpu"))
+    gen, real, critic, sched, _, first = dmd.networks(cfg, torch.device("cpu"))
+    assert first is None  # no --first_real: no frame-0 score pair
     assert not any(p.requires_grad for p in real.parameters())
     assert all(torch.equal(a, b) for a, b in zip(real.state_dict().values(), critic.state_dict().values()))
     opt_g = torch.optim.AdamW(gen.parameters(), lr=1e-2, betas=(0.0, 0.999), weight_decay=0.01)
@@ -203,7 +207,7 @@ def test_the_critic_may_start_from_another_base_than_the_real_score(ckpts, tmp_p
     T.export(str(tmp_path / "wide"), tiny(9, wide), {"kind": "base", "config": asdict(wide), "shift": CFG.shift})
     cfg = {**dmd.DEFAULTS, "init": ckpts["fw"], "real": str(tmp_path / "wide"), "critic": ckpts["base"],
            "steps_per_block": 2}
-    gen, real, critic, sched, _ = dmd.networks(cfg, torch.device("cpu"))
+    gen, real, critic, sched, *_ = dmd.networks(cfg, torch.device("cpu"))
     assert real.cfg.dim == 64 and critic.cfg.dim == CFG.dim
     base, _ = T.load_model(ckpts["base"])
     assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), critic.state_dict().values()))
@@ -259,17 +263,66 @@ def test_an_ar_teacher_as_real_score_scores_the_rollout_teacher_forced():
 
 
 def test_dmd_runs_with_an_ar_teacher_as_real_score_and_critic(ckpts, tmp_path):
-    ar = str(tmp_path / "ar")
-    teacher.main(["--model=toy-tiny", "--stage=ar", f"--init={ckpts['base']}", "--steps=1", "--batch_size=2",
-                  "--bf16=false", f"--out={tmp_path / 'ar_run'}", f"--export={ar}"])
+    ar = ckpts["ar"]
     cfg = {**dmd.DEFAULTS, "init": ckpts["fw"], "real": ar, "steps_per_block": 2}
-    *_, score_fpb = dmd.networks(cfg, torch.device("cpu"))
+    *_, score_fpb, _ = dmd.networks(cfg, torch.device("cpu"))
     assert score_fpb == 1
     dmd.main(args(ckpts, tmp_path / "run", "--steps=2", f"--real={ar}", f"--export={tmp_path / 'g'}"))
     assert json.load(open(str(tmp_path / "g.json")))["real"] == "ar"
     with pytest.raises(SystemExit) as stop:  # the critic must be the same kind of score as the real one
         dmd.main(args(ckpts, tmp_path / "bad", "--steps=1", f"--real={ar}", f"--critic={ckpts['base']}"))
     assert stop.value.code == 2
+
+
+def test_the_frame0_term_scores_frame_0_alone_with_its_own_pair():
+    """--first_real: G's loss is the video's DMD term plus first_weight x the DMD term of frame 0 alone,
+    scored by the AR teacher (guidance first_guidance) and its own critic; the later frames get only the
+    video's gradient."""
+    real, critic, first_real, first_critic = tiny(3), tiny(4), tiny(5), tiny(6)
+    words = ["green triangle", "cyan square"]
+    torch.manual_seed(5)
+    b = dict(tokens=data.tokenize(words), t=torch.tensor([300.0, 700.0]), eps=torch.randn(2, *SHAPE))
+    cfg = {**dmd.DEFAULTS, "real_guidance": 1.0, "first_guidance": 0.5, "first_weight": 0.25}
+    x = torch.randn(2, *SHAPE, requires_grad=True)
+    dmd.generator_loss(x, b, cfg, real, critic, None, (first_real, first_critic)).backward()
+    video = x.detach().clone().requires_grad_(True)
+    dmd.dmd_loss(video, real, critic, b["tokens"], b["t"], b["eps"], 1.0)[0].backward()
+    with torch.no_grad():  # frame 0 by hand: one frame noised, both scores on it alone, guidance 0.5
+        f, e = x[:, :, :1], b["eps"][:, :, :1]
+        s = (b["t"] / 1000).view(2, 1, 1, 1, 1)
+        x_t = (1 - s) * f + s * e
+        x0 = lambda net, w: x_t - s * net(x_t, b["t"], net.encode_text(data.tokenize(w)))
+        c, u = x0(first_real, words), x0(first_real, ["", ""])
+        x0_real = c + 0.5 * (c - u)
+        g0 = (x0(first_critic, words) - x0_real) / (f - x0_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+    torch.testing.assert_close(x.grad[:, :, 1:], video.grad[:, :, 1:])
+    torch.testing.assert_close(x.grad[:, :, :1], video.grad[:, :, :1] + 0.25 * g0 / f.numel(), rtol=1e-4, atol=1e-9)
+    assert g0.abs().mean() > 0.01  # the frame-0 term is not vanishing
+
+
+def test_the_frame0_critic_trains_resumes_and_ships(ckpts, tmp_path):
+    """--first_real end to end: a frozen AR teacher, a critic that starts as its copy and is the only network
+    its optimiser moves, both saved and resumed exactly, and the student's JSON names them."""
+    cfg = {**dmd.DEFAULTS, "init": ckpts["fw"], "real": ckpts["base"], "steps_per_block": 2,
+           "first_real": ckpts["ar"]}
+    *_, (first_real, first_critic) = dmd.networks(cfg, torch.device("cpu"))
+    assert not any(p.requires_grad for p in first_real.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(first_real.state_dict().values(), first_critic.state_dict().values()))
+    first = f"--first_real={ckpts['ar']}"
+    dmd.main(args(ckpts, tmp_path / "full", "--steps=4", "--ckpt_every=2", first, f"--export={tmp_path / 'g'}"))
+    dmd.main(args(ckpts, tmp_path / "part", "--steps=2", "--ckpt_every=2", first))
+    dmd.main(args(ckpts, tmp_path / "part", "--steps=4", "--ckpt_every=2", first))
+    log = lambda run: [{k: v for k, v in json.loads(line).items() if k != "wall_s"}
+                       for line in open(tmp_path / run / "log.jsonl")]
+    assert log("part") == log("full") and all("first_critic_loss" in row for row in log("full"))
+    a, _ = T.load_checkpoint(str(tmp_path / "full" / "ckpt"))
+    b, _ = T.load_checkpoint(str(tmp_path / "part" / "ckpt"))
+    assert {k.split(".")[0] for k in a} >= {"first_critic", "optim_first_critic"}
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    trained = T.split_prefix(a, "first_critic.")
+    assert any(not torch.equal(v, first_real.state_dict()[k]) for k, v in trained.items())  # it learned
+    meta = json.load(open(str(tmp_path / "g.json")))
+    assert (meta["first_real"], meta["first_guidance"], meta["first_weight"]) == ("ar", 0.5, 1.0)
 
 
 def args(ckpts, out, *extra):
@@ -373,6 +426,8 @@ def test_an_explicit_timestep_list_is_trained_and_shipped(ckpts, tmp_path, monke
     (["--real={fw}"], "expected 'base' or 'ar_teacher'"),
     (["--init={base}"], "expected 'student'"),
     (["--init=nowhere/missing"], "not found"),
+    (["--first_real={base}"], "expected 'ar_teacher'"),
+    (["--init={cw}", "--first_real={ar}", "--steps_per_block=4"], "needs a frame-wise student"),
     (["--lr=fast"], "--lr expects a float"),
 ])
 def test_bad_options_exit_2_with_one_line(ckpts, tmp_path, capsys, extra, message):
