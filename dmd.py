@@ -1,7 +1,9 @@
 """Stage 3: DMD finetuning with self-forcing rollouts; it makes the few-step students that sample.py streams.
 
-    python dmd.py --init=checkpoints/causal_cd_framewise --timesteps=1000,250 --export=checkpoints/cfpp_framewise_2step
-    python dmd.py --init=checkpoints/causal_cd_framewise --steps_per_block=1 --export=checkpoints/cfpp_framewise_1step
+    python dmd.py --init=checkpoints/causal_cd_framewise --timesteps=1000,250 --first_real=checkpoints/ar_teacher_framewise \
+                  --export=checkpoints/cfpp_framewise_2step
+    python dmd.py --init=checkpoints/causal_cd_framewise --steps_per_block=1 --first_real=checkpoints/ar_teacher_framewise \
+                  --export=checkpoints/cfpp_framewise_1step
     python dmd.py --init=checkpoints/causal_ode_chunkwise --frames_per_block=3 --steps_per_block=4 \
                   --export=checkpoints/cf_chunkwise_4step
     python dmd.py --init=checkpoints/bidir_ode_chunkwise --frames_per_block=3 --steps_per_block=4 \
@@ -19,6 +21,8 @@ the base and is trained by flow matching on G's rollouts). Their difference move
 base would draw: g = (x0_fake - x0_real) / mean|x - x0_real|, applied through the loss
 1/2 |x - sg(x - g)|^2, whose gradient with respect to x is g. The critic steps every iteration, the
 generator every `critic_updates`-th, so the fake score keeps up with G. The shipped weights are G's EMA.
+With --first_real (an AR teacher; frame-wise students), frame 0 of each rollout is also scored alone by
+that teacher against a critic of its own, a second DMD term: frame 0 has no history and is the weak frame.
 Data-free: only prompts (and, for an action world model, random sticky action sequences that G, the
 real score and the critic all see). With --data (a latent data set from `python wan.py encode`) the prompts
 are its umT5 contexts, drawn at random; its latents are not used. A run resumes from OUT/ckpt (G, critic,
@@ -45,7 +49,7 @@ DEFAULTS = dict(
     first_real="",  # frame-wise only: an AR teacher that also scores frame 0 alone (an image: it has no history),
     # with its own critic; the frame the video scores judge worst (not in the paper; README, stage 3)
     first_guidance=0.5,  # that score's guidance in the DMD form (0.5 = weight 1.5, the teacher's sampler)
-    first_weight=1.0,  # the frame-0 term's weight beside the video's
+    first_weight=0.25,  # the frame-0 term's weight beside the video's (0.1, 0.5 and 1 measured worse)
     data="",  # a latent data set (`python wan.py encode`): a Wan-scale G draws its prompts' umT5 contexts
     frames_per_block=0,  # 0 = the init's (1 frame-wise, 3 chunk-wise)
     steps_per_block=0,  # 0 = the init's; frame-wise students below 4 steps give frame 0 a 4-step list

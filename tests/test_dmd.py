@@ -322,7 +322,7 @@ def test_the_frame0_critic_trains_resumes_and_ships(ckpts, tmp_path):
     trained = T.split_prefix(a, "first_critic.")
     assert any(not torch.equal(v, first_real.state_dict()[k]) for k, v in trained.items())  # it learned
     meta = json.load(open(str(tmp_path / "g.json")))
-    assert (meta["first_real"], meta["first_guidance"], meta["first_weight"]) == ("ar", 0.5, 1.0)
+    assert (meta["first_real"], meta["first_guidance"], meta["first_weight"]) == ("ar", 0.5, 0.25)
 
 
 def args(ckpts, out, *extra):
