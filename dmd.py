@@ -207,22 +207,22 @@ def networks(cfg, device):
     steps = cfg["steps_per_block"] or meta.get("steps_per_block")
     if not listed and (not steps or steps <= 0):
         T.die(f"--steps_per_block must be positive, got {steps}")
-    start = load(cfg["critic"], (real_meta["kind"],), device)[0] if cfg["critic"] else real
-    if geometry(start.cfg) != geometry(c) or start.cfg.num_actions != c.num_actions:
-        T.die(f"--critic {cfg['critic']} draws other videos than --init {cfg['init']}")
-    critic = M.build(start.cfg).to(device)
-    critic.load_state_dict(start.state_dict())
+
+    def trainable_copy(net, flag):  # a critic's start, checked against G's videos
+        if geometry(net.cfg) != geometry(c) or net.cfg.num_actions != c.num_actions:
+            T.die(f"--{flag} {cfg[flag]} draws other videos than --init {cfg['init']}")
+        copy = M.build(net.cfg).to(device)
+        copy.load_state_dict(net.state_dict())
+        return copy
+
+    critic = trainable_copy(load(cfg["critic"], (real_meta["kind"],), device)[0] if cfg["critic"] else real, "critic")
     real.requires_grad_(False)
     first = None
     if cfg["first_real"]:
         if fpb != 1:
             T.die("--first_real scores frame 0 alone: it needs a frame-wise student (--frames_per_block 1)")
         first_real = load(cfg["first_real"], ("ar_teacher",), device)[0]
-        if geometry(first_real.cfg) != geometry(c) or first_real.cfg.num_actions != c.num_actions:
-            T.die(f"--first_real {cfg['first_real']} draws other videos than --init {cfg['init']}")
-        first_critic = M.build(first_real.cfg).to(device)
-        first_critic.load_state_dict(first_real.state_dict())
-        first = (first_real.requires_grad_(False), first_critic)
+        first = (first_real.requires_grad_(False), trainable_copy(first_real, "first_real"))
     return gen, real, critic, schedule(fpb, steps, c.shift, listed), score_fpb, first
 
 
