@@ -1,13 +1,14 @@
 """The reproduction report: the paper's table at toy scale, regenerated from the shipped checkpoints.
 
     python report.py            # RESULTS.md + results/*.png|gif: 54 videos a row, ~10 min on 2 CPU cores
-    python report.py --quick    # 18 videos a row and a 12-step teacher: the smoke version CI runs
+    python report.py --quick    # 18 videos a row, one noise seed and a 12-step teacher: the smoke version CI runs
 
 Every row is sampled with fixed seeds by sample.py's own sampler (the same plan, the same stream), judged
 by eval.py (toy-VBench and the Fréchet distance to 256 real clips) and timed by sample.py's --bench, all
 in this one process, so latencies compare like with like. The Stage-2 cost of a DMD student is the one
 its init recorded (causal_cd.py's `stage2_cost`). A checkpoint that is not shipped yet gives a row that
-says so and how to train it; the claims it decides read "not measured". RESULTS.md is rewritten each time,
+says so and how to train it; the claims it decides read "not measured". The init ablation's gaps are as small
+as the spread between noise seeds, so its rows are means over ABLATION_SEEDS seeds. RESULTS.md is rewritten each time,
 except for the hand-written reading at its end (everything below READING_MARK), which is kept.
 """
 import argparse
@@ -52,6 +53,7 @@ AFTER_DMD = (  # the frame-wise 2-step pair after DMD: only the init differs
     ("causal CD init + DMD (CF++)", "cfpp_framewise_2step",
      "python dmd.py --init=checkpoints/causal_cd_framewise --timesteps=1000,250"),
 )
+ABLATION_SEEDS = 3  # noise seeds seed, seed + 1, ... per init ablation cell (1 with --quick)
 SHOWN = (0, 4, 8, 9, 13, 17)  # the prompts on the contact sheets: every colour, every shape twice
 READING_MARK = "<!-- Everything below this line is written by hand and kept when report.py rewrites the file. -->"
 real_clips = functools.lru_cache(E.reference_videos)  # the same 256 real clips for every row: render them once
@@ -77,6 +79,16 @@ def measure(stem, flags, prompts, seed, device, reps):
     scores = E.evaluate(videos, prompts)
     scores["fd"] = E.frechet_distance(real_clips(videos.shape[1]), videos)
     return scores, timing, videos
+
+
+def averaged(results):
+    """measure() + stem of one checkpoint at several noise seeds -> one such result: the mean of every score
+    (and `totals`, the Totals seed by seed) and the first seed's videos; None when it is not shipped."""
+    if results[0] is None:
+        return None
+    scores = {k: float(np.mean([r[0][k] for r in results])) for k in SCORES}
+    scores["totals"] = [r[0]["total"] for r in results]
+    return (scores, None, *results[0][2:])
 
 
 def paired_latency(folder, seed, device, reps):
@@ -171,7 +183,7 @@ def claim(text, verdict, evidence):
     return f"- **{mark}**: {text} ({evidence})"
 
 
-def claims(main, ablation, after, folder, latency, reps):
+def claims(main, ablation, after, folder, latency, reps, seeds):
     """The paper's claims, each decided by the numbers in this run (None = a checkpoint is missing)."""
     get = lambda name: main.get(name) and main[name][0]
     out = []
@@ -194,7 +206,7 @@ def claims(main, ablation, after, folder, latency, reps):
              for n in (1, 2, 4) if ablation.get("causal_cd_framewise") and ablation.get("causal_ode_framewise")]
     out.append(claim("causal CD init ≥ causal ODE init at 1, 2 and 4 steps (before DMD)",
                      None if not pairs else all(c >= o for _, c, o in pairs),
-                     "; ".join(f"{n}-step {c:.3f} vs {o:.3f}" for n, c, o in pairs) or "—"))
+                     "; ".join(f"{n}-step {c:.3f} vs {o:.3f}" for n, c, o in pairs) + f" ({seeds})" if pairs else "—"))
     if after.get("ode_framewise_2step") and after.get("cfpp_framewise_2step"):
         c, o = after["cfpp_framewise_2step"][0]["total"], after["ode_framewise_2step"][0]["total"]
         out.append(claim("after DMD, the CD-initialised frame-wise 2-step student ≥ the ODE-initialised one",
@@ -238,19 +250,22 @@ def main(argv=None):
     teacher_flags = ["--steps", "12"] if a.quick else []
     reps = 2 if a.quick else S.BENCH_REPS
 
-    def run(name, flags=(), timed=False):  # only the main table shows timings
+    seeds = [a.seed + i for i in range(1 if a.quick else ABLATION_SEEDS)]
+    over = f"seed {a.seed}" if len(seeds) == 1 else f"means over noise seeds {', '.join(map(str, seeds))}"
+
+    def run(name, flags=(), timed=False, seed=a.seed):  # only the main table shows timings
         stem = os.path.join(a.checkpoints, name)
         kind = json.load(open(stem + ".json")).get("kind") if os.path.exists(stem + ".json") else None
         got = measure(stem, (teacher_flags if kind in ("base", "ar_teacher") else []) + list(flags),
-                      prompts, a.seed, device, reps if timed else 0)
-        print(f"  {name} {' '.join(flags)}: " + ("not shipped" if got is None else f"Total {got[0]['total']:.3f}"),
-              file=sys.stderr)
+                      prompts, seed, device, reps if timed else 0)
+        print(f"  {name} {' '.join(flags)} seed {seed}: " + ("not shipped" if got is None else
+                                                             f"Total {got[0]['total']:.3f}"), file=sys.stderr)
         return None if got is None else (*got, stem)
 
     print("sampling the table's rows", file=sys.stderr)
     main_rows = {name: run(name, timed=True) for _, name, _ in ROWS}
-    ablation = {name: {n: run(name, ["--steps", str(n), "--frames-per-block", "1"]) for n in (1, 2, 4)}
-                for _, name, _ in ABLATION}
+    ablation = {name: {n: averaged([run(name, ["--steps", str(n), "--frames-per-block", "1"], seed=s) for s in seeds])
+                       for n in (1, 2, 4)} for _, name, _ in ABLATION}
     ablation = {name: r for name, r in ablation.items() if r[1] is not None}
     after = {name: main_rows.get(name) or run(name) for _, name, _ in AFTER_DMD}
     latency = paired_latency(a.checkpoints, a.seed, device, reps)
@@ -277,12 +292,15 @@ def main(argv=None):
                                          f"{c['wall_clock_s'] / 60:.1f} min"]
         md.append(f"| {label} | {fmt(s['total'])} | {fmt(s['quality'])} | {fmt(s['semantic'])} | {fmt(s['fd'], 2)} | "
                   f"{fmt(t['first_frame_latency_s'], 4)} | {fmt(t['frames_per_s'], 1)} | " + " | ".join(cost) + " |")
-    md += ["", "## The paper's claims, checked", ""] + claims(main_rows, ablation, after, a.checkpoints, latency, reps)
+    md += ["", "## The paper's claims, checked", ""] + claims(main_rows, ablation, after, a.checkpoints, latency, reps, over)
     md += ["", "## Init ablation: the stage-2 students before DMD (Total, frame-wise, frame 0 with 4 steps)", "",
+           f"Each cell: the {over}" + ("; seed by seed in brackets." if len(seeds) > 1 else ".") +
+           " The \"Every score\" rows below are the same means.", "",
            "| init | 1 step | 2 steps | 4 steps | dynamic degree at 1 step |", "|---|---|---|---|---|"]
+    cell = lambda s: fmt(s["total"]) + (" (" + " / ".join(map(fmt, s["totals"])) + ")" if len(seeds) > 1 else "")
     for label, name, how in ABLATION:
         r = ablation.get(name)
-        md.append(f"| {label} | " + (" | ".join(fmt(r[n][0]["total"]) for n in (1, 2, 4)) +
+        md.append(f"| {label} | " + (" | ".join(cell(r[n][0]) for n in (1, 2, 4)) +
                                      f" | {fmt(r[1][0]['dynamic_degree'])} |" if r else
                                      f"not shipped: `{how} --export=checkpoints/{name}` | | | |"))
     md += ["", "After DMD, the frame-wise 2-step pair:", "", "| init | Total | Quality | Semantic | FD |", "|---|---|---|---|---|"]

@@ -111,3 +111,15 @@ def test_quick_report_on_the_shipped_checkpoints(tmp_path):
         shipped = os.path.exists(os.path.join(root, "checkpoints", name + ".json"))
         assert (f"| {label} | not shipped" in text) != shipped
     assert "## Training runs" in text and (tmp_path / "results" / "loss_base.png").exists()
+
+
+def test_the_init_ablation_cells_are_means_over_noise_seeds(shipped):
+    stem = str(shipped / "causal_cd_framewise")
+    got = [(*report.measure(stem, ["--steps", "1"], list(data.PROMPTS), seed, "cpu", 0), stem) for seed in (0, 1)]
+    assert not np.array_equal(got[0][2], got[1][2])  # two seeds, two sets of videos
+    scores, timing, videos, where = report.averaged(got)
+    assert scores["totals"] == [g[0]["total"] for g in got]
+    for key in report.SCORES:
+        assert scores[key] == pytest.approx((got[0][0][key] + got[1][0][key]) / 2)
+    assert timing is None and videos is got[0][2] and where == stem
+    assert report.averaged([None, None]) is None
