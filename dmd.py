@@ -231,6 +231,9 @@ def main(argv):
     for key in ("steps", "critic_updates", "batch_size", "ckpt_every", "log_every"):
         if cfg[key] <= 0:
             T.die(f"--{key} must be positive, got {cfg[key]}")
+    for key in ("real_guidance", "first_guidance", "first_weight"):  # 0 is meaningful: no guidance, no term
+        if cfg[key] < 0:
+            T.die(f"--{key} must be >= 0, got {cfg[key]}")
     rank, world, device = T.setup_distributed()
     if cfg["device"]:
         device = torch.device(cfg["device"])

@@ -429,6 +429,8 @@ def test_an_explicit_timestep_list_is_trained_and_shipped(ckpts, tmp_path, monke
     (["--first_real={base}"], "expected 'ar_teacher'"),
     (["--init={cw}", "--first_real={ar}", "--steps_per_block=4"], "needs a frame-wise student"),
     (["--lr=fast"], "--lr expects a float"),
+    (["--real_guidance=-1"], "--real_guidance must be >= 0"),
+    (["--first_weight=-0.5"], "--first_weight must be >= 0"),
 ])
 def test_bad_options_exit_2_with_one_line(ckpts, tmp_path, capsys, extra, message):
     extra = [e.format(**ckpts) for e in extra]
