@@ -183,7 +183,7 @@ def claim(text, verdict, evidence):
     return f"- **{mark}**: {text} ({evidence})"
 
 
-def claims(main, ablation, after, folder, latency, reps, seeds):
+def claims(main, ablation, after, folder, latency, reps, over):
     """The paper's claims, each decided by the numbers in this run (None = a checkpoint is missing)."""
     get = lambda name: main.get(name) and main[name][0]
     out = []
@@ -206,7 +206,7 @@ def claims(main, ablation, after, folder, latency, reps, seeds):
              for n in (1, 2, 4) if ablation.get("causal_cd_framewise") and ablation.get("causal_ode_framewise")]
     out.append(claim("causal CD init ≥ causal ODE init at 1, 2 and 4 steps (before DMD)",
                      None if not pairs else all(c >= o for _, c, o in pairs),
-                     "; ".join(f"{n}-step {c:.3f} vs {o:.3f}" for n, c, o in pairs) + f" ({seeds})" if pairs else "—"))
+                     "; ".join(f"{n}-step {c:.3f} vs {o:.3f}" for n, c, o in pairs) + f" ({over})" if pairs else "—"))
     if after.get("ode_framewise_2step") and after.get("cfpp_framewise_2step"):
         c, o = after["cfpp_framewise_2step"][0]["total"], after["ode_framewise_2step"][0]["total"]
         out.append(claim("after DMD, the CD-initialised frame-wise 2-step student ≥ the ODE-initialised one",
