@@ -1,7 +1,7 @@
 #!/bin/bash
 # The measured budget run: stage 0 (bell weight from step 0) + both AR teachers, one after the other, alone on the CPU.
 set -e
-cd /work/main
+cd "$(dirname "$0")/../.."
 export OMP_WAIT_POLICY=PASSIVE
 date -u +"start %FT%TZ"
 python teacher.py --stage=base --weighting=bell --steps=3000 --decay=600 --eval_every=1000 --out=runs/budget/base_run --export=runs/budget/base
