@@ -205,12 +205,19 @@ def apply_rope(x, rotation):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Attention: one dispatch point. Triton kernel on CUDA, PyTorch SDPA elsewhere; `backend` forces either.
+# Attention: one dispatch point; `backend` ("sdpa" | "triton") forces either. "auto" gives the Triton kernel
+# the masked calls on CUDA: at Wan-1.3B shapes on an H200 it ran block-causal attention 1.6-1.7x (forward) and
+# 1.2-1.3x (forward+backward) faster than SDPA's best masked backend (cuDNN), teacher forcing 2.6-2.8x / 2.0-2.2x.
+# The unmasked calls (KV-cache decode, bidirectional) go to SDPA: its cuDNN kernel was 1.5-2.3x faster than ours.
+
+
+def uses_kernel(backend, on_cuda, masked):
+    return backend == "triton" or (backend == "auto" and on_cuda and masked)
 
 
 def attention(q, k, v, tokens_per_block=None, clean_len=0, backend="auto"):
     """q, k, v [B, H, L, D] -> [B, H, Lq, D]; the mask (if any) is the rule of causal_flash/mask.py."""
-    if backend == "triton" or (backend == "auto" and q.is_cuda):
+    if uses_kernel(backend, q.is_cuda, tokens_per_block is not None):
         from causal_flash.flash_attention import flash_attention
         return flash_attention(q, k, v, tokens_per_block=tokens_per_block, clean_len=clean_len)
     mask = None if tokens_per_block is None else block_mask(q.shape[2], tokens_per_block, clean_len, q.device)

@@ -51,7 +51,7 @@ DEFAULTS = dict(
     shift=0.0,  # timestep shift of the samplers; 0 = the model preset's
     train_shift=0.0,  # timestep shift of the training t distribution; 0 = the same as --shift
     seed=0,
-    bf16=True,
+    bf16=T.bf16_is_native(),  # autocast; off where the CPU would emulate bf16 (~10x slower)
     ckpt_every=250,
     eval_every=0,  # sample 54 videos from the EMA weights and log their toy-VBench scores (0 = never)
     log_every=10,

@@ -285,6 +285,14 @@ def _to_diffusers_names(official):
     return out
 
 
+def test_auto_gives_the_kernel_only_masked_attention_on_cuda():
+    # measured on an H200 (README, kernel section): the kernel wins with a mask, cuDNN SDPA without one
+    assert M.uses_kernel("auto", on_cuda=True, masked=True)
+    assert not M.uses_kernel("auto", on_cuda=True, masked=False)
+    assert not M.uses_kernel("auto", on_cuda=False, masked=True)
+    assert M.uses_kernel("triton", on_cuda=False, masked=False) and not M.uses_kernel("sdpa", True, True)
+
+
 @pytest.mark.parametrize("mode", ["bidirectional", "block_causal", "teacher_forcing", "cache"])
 def test_outputs_equal_with_the_triton_kernel_forced_on_and_off(mode):
     m = tiny_model()

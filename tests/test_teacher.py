@@ -75,6 +75,23 @@ def test_bad_options_exit_2_with_one_line(tmp_path):
         assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.startswith("error: "), (args, r.stderr)
 
 
+@pytest.mark.parametrize("cuda, avx512_bf16, amx, native", [(False, False, False, False), (False, True, False, True),
+                                                         (False, False, True, True), (True, False, False, True)])
+def test_bf16_counts_as_native_on_cuda_avx512_bf16_and_amx_only(monkeypatch, cuda, avx512_bf16, amx, native):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert T.bf16_is_native() is native
+
+
+def test_every_stage_defaults_to_autocast_only_where_bf16_is_native():
+    # an AVX2-only CPU emulates bf16: autocast there made a toy teacher step ~9x slower than fp32
+    import causal_cd
+    import dmd
+    assert {m.__name__: m.DEFAULTS["bf16"] for m in (teacher, causal_cd, dmd)} == dict.fromkeys(
+        ("teacher", "causal_cd", "dmd"), T.bf16_is_native())
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_take_the_same_step_as_one(tmp_path):
     one = run(tmp_path, "one", "--steps=2", "--ckpt_every=2")
