@@ -206,8 +206,8 @@ def apply_rope(x, rotation):
 
 # ----------------------------------------------------------------------------------------------------
 # Attention: one dispatch point; `backend` ("sdpa" | "triton") forces either. "auto" gives the Triton kernel
-# the masked calls on CUDA: at Wan-1.3B shapes on an H200 it ran block-causal attention 1.6-1.7x (forward) and
-# 1.2-1.3x (forward+backward) faster than SDPA's best masked backend (cuDNN), teacher forcing 2.6-2.8x / 2.0-2.2x.
+# the masked calls on CUDA: at Wan-1.3B shapes on an H200 it ran block-causal attention 1.6-1.75x (forward) and
+# 1.2-1.35x (forward+backward) faster than SDPA's best masked backend (cuDNN), teacher forcing 2.6-2.8x / 2.0-2.2x.
 # The unmasked calls (KV-cache decode, bidirectional) go to SDPA: its cuDNN kernel was 1.4-2.3x faster than ours.
 
 
