@@ -271,7 +271,6 @@ def main():
                    help="also the Fréchet distance to REAL_NPY (default: 256 fixed real clips of the same world)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     a = p.parse_args()
-    # (room for a later `--table` mode: the reproduction table of DESIGN §5 branches off here)
     videos = _load(a.npy)
     n = len(videos)
     prompts_path = a.prompts or (a.npy + ".prompts.txt" if os.path.exists(a.npy + ".prompts.txt") else None)

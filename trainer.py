@@ -368,15 +368,15 @@ class Run:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps({"step": step, "wall_s": round(self.elapsed(), 1), "eval": scores}) + "\n")
 
-    def ship(self, stem, ema, cfg, meta):
+    def ship(self, stem, ema, cfg, meta, log_name=None):
         """Export the EMA weights as a shipped checkpoint (gathered on every rank, written by rank 0), its
-        JSONL log beside it."""
+        JSONL log beside it (as NAME.log.jsonl unless named)."""
         if not stem:
             return
         weights = self.gathered(ema.shadow.items())
         if self.rank != 0:
             return
-        log_name = os.path.basename(stem) + ".log.jsonl"
+        log_name = log_name or os.path.basename(stem) + ".log.jsonl"
         export(stem, weights, {**meta, "config": asdict(cfg), "wall_s": round(self.elapsed(), 1), "log": log_name})
         if os.path.exists(self.log_path):  # the training curve ships beside the weights
             shutil.copy(self.log_path, os.path.join(os.path.dirname(os.path.abspath(stem)), log_name))

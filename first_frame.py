@@ -1,0 +1,160 @@
+"""Stage 3b (not in the paper): frame 0's own DMD, after the video DMD of a frame-wise student.
+
+    python first_frame.py --init=checkpoints/cfpp_framewise_2step --export=checkpoints/cfpp_framewise_2step
+    python first_frame.py --init=checkpoints/world_framewise --real=checkpoints/world_ar_teacher_framewise \
+                          --export=checkpoints/world_framewise
+
+Frame 0 is the frame-wise student's weak frame: it has no history, and its 4 steps must draw the object
+from noise, which the AR teacher does in 48 (README, stage 3: a teacher-drawn frame 0 lifts the same
+student's videos from 0.88 to 0.91, the world model's from 0.84 to 0.90). 50 generator updates inside the
+video DMD run are too few to make a 4-step image generator, and more updates on frame 0 alone moved the
+weights the later frames share (they slowed down). So this stage trains frame 0 alone, cheaply (a batch
+of one-frame rollouts), for many updates, and holds the rest of the student where it was:
+  - frame 0's DMD term: G rolls out frame 0 on its 4-step list (a random exit step carries gradient);
+    the real score is the frame-wise AR teacher on one frame (an image: nothing to force), guided, and the
+    fake score a critic started from it, trained by flow matching on fresh frame-0 rollouts;
+  - a keep term: on ground-truth clips, teacher-forced at the block list's timesteps, G's x0 of frames
+    1.. stays where the frozen init put it (mean squared difference, weight `keep_weight`).
+One process (toy scale); resumes from OUT/ckpt; the shipped JSON is the init's with this stage added.
+"""
+import copy
+import os
+import sys
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+
+import data
+import dmd
+import model as M
+import trainer as T
+
+DEFAULTS = dict(
+    init="checkpoints/cfpp_framewise_2step",  # a frame-wise DMD student whose frame 0 has its own step list
+    real="checkpoints/ar_teacher_framewise",  # the frame-wise AR teacher: frame 0's real score and the critic's start
+    guidance=0.5,  # the real score's guidance in the DMD form (0.5 = weight 1.5, the teacher's sampler)
+    keep_weight=10.0,  # the keep term's weight beside frame 0's DMD term
+    out="",  # run folder (default runs/first_frame_<export name>)
+    export="",
+    steps=1000,  # iterations = critic updates; the generator steps on every critic_updates-th
+    critic_updates=5,
+    batch_size=32,  # one-frame rollouts per update
+    keep_batch=8,  # ground-truth clips per keep term
+    lr=1e-4,
+    critic_lr=2e-5,
+    weight_decay=0.01,
+    grad_clip=10.0,
+    ema=0.99,
+    seed=0,
+    bf16=T.bf16_is_native(),
+    ckpt_every=100,
+    log_every=25,
+    device="",
+)
+
+
+def networks(cfg, device):
+    """-> G, the frozen init (what the keep term holds), the frozen real score, its trainable critic, G's JSON."""
+    gen, meta = dmd.load(cfg["init"], ("student",), device)
+    if meta.get("frames_per_block") != 1 or not meta.get("first_block_steps"):
+        T.die(f"--init {cfg['init']} must be a frame-wise student whose frame 0 has its own step list "
+              "(frames_per_block 1, first_block_steps set)")
+    real = dmd.load(cfg["real"], ("ar_teacher",), device)[0]
+    geometry = lambda m: (m.in_dim, m.frames, m.height, m.width, m.patch_size, m.num_actions > 0)
+    if geometry(real.cfg) != geometry(gen.cfg):
+        T.die(f"--real {cfg['real']} draws other frames than --init {cfg['init']} (size, channels or actions)")
+    critic = M.build(real.cfg).to(device)
+    critic.load_state_dict(real.state_dict())
+    return gen, copy.deepcopy(gen).requires_grad_(False), real.requires_grad_(False), critic, meta
+
+
+def keep_loss(gen, frozen, cfg, step, block_steps):
+    """Frames 1.. of G's teacher-forced x0 on ground-truth clips, against the frozen init's, each frame
+    noised to one of the student's block timesteps (frame 0 is what this stage changes)."""
+    c = gen.cfg
+    clips, tokens, actions = data.ground_truth(step, cfg["keep_batch"], cfg["seed"], c.frames, c.num_actions > 0)
+    g = T.step_generator(cfg["seed"], step, 3)
+    t = torch.tensor(block_steps)[torch.randint(len(block_steps), (len(clips), c.frames), generator=g)]
+    noise = torch.randn(clips.shape, generator=g)
+    device = next(gen.parameters()).device
+    clips, tokens, t, noise = clips.to(device), tokens.to(device), t.to(device), noise.to(device)
+    actions = None if actions is None else actions.to(device)
+    x_t = M.add_noise(clips, noise, t)
+    forced = dict(frames_per_block=1, clean_x=clips, actions=actions)
+    with torch.no_grad():
+        held = M.x0_from_v(x_t, frozen(x_t, t, frozen.encode_text(tokens), **forced), t)
+    x0 = M.x0_from_v(x_t, gen(x_t, t, gen.encode_text(tokens), **forced), t)
+    return F.mse_loss(x0[:, :, 1:], held[:, :, 1:])
+
+
+def main(argv):
+    cfg = T.parse_overrides(DEFAULTS, argv)
+    for key in ("steps", "critic_updates", "batch_size", "keep_batch", "ckpt_every", "log_every"):
+        if cfg[key] <= 0:
+            T.die(f"--{key} must be positive, got {cfg[key]}")
+    for key in ("guidance", "keep_weight"):
+        if cfg[key] < 0:
+            T.die(f"--{key} must be >= 0, got {cfg[key]}")
+    rank, world, device = T.setup_distributed()
+    if world > 1:
+        T.die("first_frame.py trains on one process (a toy-scale stage); run it without torchrun")
+    if cfg["device"]:
+        device = torch.device(cfg["device"])
+    gen, frozen, real, critic, meta = networks(cfg, device)
+    c = gen.cfg
+    first = M.timesteps(meta["first_block_steps"], c.shift).tolist()
+    block_steps = meta.get("timesteps") or M.timesteps(meta["steps_per_block"], c.shift).tolist()
+    sched = dict(frames_per_block=1, steps=first, first=first)  # a one-frame rollout: frame 0 on its list
+    name = os.path.basename(cfg["export"]) or os.path.basename(cfg["init"])
+    out = cfg["out"] or os.path.join("runs", "first_frame_" + name)
+    ema = T.EMA(gen, cfg["ema"])
+    adamw = lambda net, lr: torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.0, 0.999),
+                                              weight_decay=cfg["weight_decay"])
+    opt_g, opt_c = adamw(gen, cfg["lr"]), adamw(critic, cfg["critic_lr"])
+    run = T.Run(out, cfg["steps"], {"kind": "train_first_frame", "config": asdict(c), "train": cfg},
+                modules={"generator": gen, "critic": critic}, emas={"generator": ema},
+                optimizers={"generator": opt_g, "critic": opt_c}, log_every=cfg["log_every"])
+    shape = (c.in_dim, 1, c.height, c.width)
+
+    def batch(step, stream):
+        b = dmd.make_batch(cfg, step, stream, shape, sched, c.shift, c.num_actions > 0)
+        return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
+
+    last = {}
+    for step in range(run.start, cfg["steps"]):
+        if step % cfg["critic_updates"] == 0:  # the generator: frame 0's DMD term + the keep term
+            b = batch(step, 0)
+            with T.autocast(device, cfg["bf16"]):
+                x = dmd.self_forcing(gen, b, sched)
+                first_loss, _ = dmd.dmd_loss(x, real, critic, b["tokens"], b["t"], b["eps"], cfg["guidance"],
+                                             b.get("actions"))
+                keep = keep_loss(gen, frozen, cfg, step, block_steps)
+            loss = first_loss + cfg["keep_weight"] * keep
+            last = dict(dmd_loss=run.check(first_loss, step), keep_loss=run.check(keep, step),
+                        gen_grad_norm=T.optimizer_step(opt_g, loss, cfg["lr"], cfg["grad_clip"]))
+            n = step // cfg["critic_updates"]
+            ema.update(gen, min(cfg["ema"], (1 + n) / (10 + n)))
+        b = batch(step, 1)  # the critic: flow matching on fresh frame-0 rollouts of G
+        with T.autocast(device, cfg["bf16"]):
+            with torch.no_grad():
+                x = dmd.self_forcing(gen, b, sched)
+            loss = dmd.critic_loss(critic, x, b["tokens"], b["t"], b["eps"], b.get("actions"))
+        value = run.check(loss, step)
+        run.log(step + 1, critic_loss=value, critic_grad_norm=T.optimizer_step(opt_c, loss, cfg["critic_lr"],
+                                                                             cfg["grad_clip"]), **last)
+        if (step + 1) % cfg["ckpt_every"] == 0 or step + 1 == cfg["steps"]:
+            run.save(step + 1)
+    run.close()
+    # The init's JSON (its sampler, how its video DMD ran) with this stage added; this stage's log ships as
+    # NAME.first_frame.log.jsonl, beside the video DMD's NAME.log.jsonl.
+    stage = {"init": os.path.basename(cfg["init"]), "real": os.path.basename(cfg["real"]),
+             **{k: cfg[k] for k in ("guidance", "keep_weight", "steps", "batch_size", "seed")}}
+    shipped = {k: v for k, v in meta.items() if k not in ("config", "log", "wall_s")}
+    shipped.update(dmd_log=meta.get("log"), dmd_wall_s=meta.get("wall_s"), first_frame=stage)
+    name = os.path.basename(cfg["export"])
+    run.ship(cfg["export"], ema, c, shipped, log_name=name + ".first_frame.log.jsonl")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
