@@ -66,8 +66,7 @@ def networks(cfg, device):
     geometry = lambda m: (m.in_dim, m.frames, m.height, m.width, m.patch_size, m.num_actions > 0)
     if geometry(real.cfg) != geometry(gen.cfg):
         T.die(f"--real {cfg['real']} draws other frames than --init {cfg['init']} (size, channels or actions)")
-    critic = M.build(real.cfg).to(device)
-    critic.load_state_dict(real.state_dict())
+    critic = copy.deepcopy(real)  # trainable; the real score itself is frozen below
     return gen, copy.deepcopy(gen).requires_grad_(False), real.requires_grad_(False), critic, meta
 
 
@@ -154,7 +153,6 @@ def main(argv):
              **{k: cfg[k] for k in ("guidance", "keep_weight", "steps", "batch_size", "seed")}}
     shipped = {k: v for k, v in meta.items() if k not in ("config", "log", "wall_s")}
     shipped.update(dmd_log=meta.get("log"), dmd_wall_s=meta.get("wall_s"), first_frame=stage)
-    name = os.path.basename(cfg["export"])
     run.ship(cfg["export"], ema, c, shipped, log_name=name + ".first_frame.log.jsonl")
 
 
