@@ -2,9 +2,9 @@
 
     python first_frame.py --init=runs/dmd/cfpp_framewise_2step --export=checkpoints/cfpp_framewise_2step
     python first_frame.py --init=runs/soup/world_framewise --real=checkpoints/world_ar_teacher_framewise \
-                          --export=checkpoints/world_framewise
+                          --guidance=1.0 --export=checkpoints/world_framewise
 (the init: the student as dmd.py, or soup.py, made it). Both shipped frame-wise 2-step students went
-through it: Total 0.882 -> 0.906 and 0.843 -> 0.867 over noise seeds 0-2 (README, "Frame 0's own stage").
+through it: Total 0.882 -> 0.906 and 0.843 -> 0.877 over noise seeds 0-2 (README, "Frame 0's own stage").
 
 Frame 0 is the frame-wise student's weak frame: it has no history, and its 4 steps must draw the object
 from noise, which the AR teacher does in 48 (README, stage 3: a teacher-drawn frame 0 lifts the same
