@@ -4,7 +4,8 @@
     python first_frame.py --init=runs/soup/world_framewise --real=checkpoints/world_ar_teacher_framewise \
                           --guidance=1.0 --export=checkpoints/world_framewise
 (the init: the student as dmd.py, or soup.py, made it). Both shipped frame-wise 2-step students went
-through it: Total 0.882 -> 0.906 and 0.843 -> 0.877 over noise seeds 0-2 (README, "Frame 0's own stage").
+through it: Total 0.882 -> 0.906 and 0.843 -> 0.877 over noise seeds 0-2 (README, "Frame 0's own stage");
+the world student then went through it a second time (--init=checkpoints/world_framewise --seed=1): 0.898.
 
 Frame 0 is the frame-wise student's weak frame: it has no history, and its 4 steps must draw the object
 from noise, which the AR teacher does in 48 (README, stage 3: a teacher-drawn frame 0 lifts the same
@@ -148,12 +149,21 @@ def main(argv):
             run.save(step + 1)
     run.close()
     # The init's JSON (its sampler, how its video DMD ran) with this stage added; this stage's log ships as
-    # NAME.first_frame.log.jsonl, beside the video DMD's NAME.log.jsonl.
+    # NAME.first_frame.log.jsonl, beside the video DMD's NAME.log.jsonl. An init that went through this stage
+    # already keeps that pass's record (nested under "earlier", with its log and time), and the n-th pass's
+    # log is NAME.first_frame<n>.log.jsonl, so shipping into the init's folder overwrites no log.
     stage = {"init": os.path.basename(cfg["init"]), "real": os.path.basename(cfg["real"]),
              **{k: cfg[k] for k in ("guidance", "keep_weight", "steps", "batch_size", "seed")}}
     shipped = {k: v for k, v in meta.items() if k not in ("config", "log", "wall_s")}
-    shipped.update(dmd_log=meta.get("log"), dmd_wall_s=meta.get("wall_s"), first_frame=stage)
-    run.ship(cfg["export"], ema, c, shipped, log_name=name + ".first_frame.log.jsonl")
+    if "first_frame" in meta:
+        stage["earlier"] = {**meta["first_frame"], "log": meta.get("log"), "wall_s": meta.get("wall_s")}
+    else:
+        shipped.update(dmd_log=meta.get("log"), dmd_wall_s=meta.get("wall_s"))
+    shipped["first_frame"] = stage
+    passes, earlier = 1, stage
+    while "earlier" in earlier:
+        passes, earlier = passes + 1, earlier["earlier"]
+    run.ship(cfg["export"], ema, c, shipped, log_name=f"{name}.first_frame{passes if passes > 1 else ''}.log.jsonl")
 
 
 if __name__ == "__main__":

@@ -126,6 +126,21 @@ def test_the_shipped_student_keeps_its_sampler_and_streams(ckpts, tmp_path):
     assert np.load(npy).shape == (1, 6, 32, 32, 3)
 
 
+def test_a_second_pass_keeps_the_first_passs_record_and_log(ckpts, tmp_path):
+    stem = str(tmp_path / "cfpp")
+    first_frame.main(args(ckpts, tmp_path / "run", "--steps=2", f"--export={stem}"))
+    first = json.load(open(stem + ".json"))
+    first_log = open(stem + ".first_frame.log.jsonl").read()
+    again = [a for a in args(ckpts, tmp_path / "run2", "--steps=2", "--seed=1", f"--export={stem}")
+             if not a.startswith("--init=")]
+    first_frame.main([f"--init={stem}", *again])  # into the init's own stem, as a shipped student would be
+    meta = json.load(open(stem + ".json"))
+    assert meta["first_frame"]["seed"] == 1 and meta["dmd_log"] == "x.log.jsonl"
+    assert meta["first_frame"]["earlier"] == {**first["first_frame"], "log": first["log"], "wall_s": first["wall_s"]}
+    assert meta["log"] == "cfpp.first_frame2.log.jsonl" and open(stem + ".first_frame2.log.jsonl").readline()
+    assert open(stem + ".first_frame.log.jsonl").read() == first_log  # the first pass's log is not overwritten
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--init={cw}"], "must be a frame-wise student"),
     (["--init={ar}"], "expected 'student'"),
