@@ -5,7 +5,7 @@
                           --guidance=1.0 --export=checkpoints/world_framewise
 (the init: the student as dmd.py, or soup.py, made it). Both shipped frame-wise 2-step students went
 through it: Total 0.882 -> 0.906 and 0.843 -> 0.877 over noise seeds 0-2 (README, "Frame 0's own stage");
-the world student then went through it a second time (--init=checkpoints/world_framewise --seed=1): 0.898.
+the world student went through it twice more (--seed=1, then --seed=2 on that, the two averaged by soup.py).
 
 Frame 0 is the frame-wise student's weak frame: it has no history, and its 4 steps must draw the object
 from noise, which the AR teacher does in 48 (README, stage 3: a teacher-drawn frame 0 lifts the same

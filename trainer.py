@@ -267,6 +267,10 @@ def has_checkpoint(out):
     return os.path.exists(os.path.join(out, "ckpt.json"))
 
 
+RESUMABLE = {"steps", "out", "export", "device", "ckpt_every", "log_every", "eval_every", "cost_json", "parallel",
+             "checkpointing"}  # settings a resume may change
+
+
 class Run:
     """One training run on disk: OUT/ckpt.{safetensors,json} holds the named modules, EMAs and optimizer
     states (AdamW moments as tensors, hyper-parameters in the JSON), the step and the wall clock;
@@ -292,6 +296,7 @@ class Run:
 
     def _load(self):
         tensors, meta = load_checkpoint(self.ckpt)
+        self.check_same_run(meta)
         for name, module in self.modules.items():  # every rank reads the whole file and keeps its shards
             own = module.state_dict()
             module.load_state_dict({k: shard_like(v, own[k]) for k, v in split_prefix(tensors, name + ".").items()})
@@ -305,6 +310,19 @@ class Run:
                 state.setdefault(int(idx), {})[field] = shard_like(value, params[int(idx)])
             opt.load_state_dict({"state": state, "param_groups": meta["param_groups"][name]})
         self.start, self.wall_before, self.last_good = meta["step"], meta["wall_s"], self.ckpt
+
+    def check_same_run(self, saved):
+        """A folder resumes only the run that made it: the same model, kind and settings, except those that
+        may change on a resume (e.g. more --steps). Otherwise a second run with the same default folder (say,
+        a second pass of a stage with another --seed) would silently continue, and ship, the first."""
+        flat = lambda m: {"kind": m.get("kind"), **{f"config.{k}": v for k, v in (m.get("config") or {}).items()},
+                          **m.get("train", {})}
+        now, was = flat(json.loads(json.dumps(self.meta))), flat(saved)  # through JSON: tuples read as lists
+        differ = sorted(k for k in now.keys() | was.keys() if k not in RESUMABLE and now.get(k) != was.get(k))
+        if differ:
+            k = differ[0]
+            die(f"{os.path.dirname(self.ckpt)} holds another run ({k} was {was.get(k)!r}, now {now.get(k)!r}"
+                f"{f' and {len(differ) - 1} more' if len(differ) > 1 else ''}): pass another --out, or delete it")
 
     def elapsed(self):
         return self.wall_before + time.time() - self.t0

@@ -112,6 +112,21 @@ def test_resume_continues_the_same_trajectory(ckpts, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_a_folder_resumes_only_its_own_run(ckpts, tmp_path, capsys):
+    """A second pass with another seed in the first pass's folder stops (exit 2, one line) instead of resuming
+    and re-shipping the first pass; the finished run is left as it was."""
+    first_frame.main(args(ckpts, tmp_path / "run", "--steps=2", "--ckpt_every=2"))
+    before, _ = T.load_checkpoint(str(tmp_path / "run" / "ckpt"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        first_frame.main(args(ckpts, tmp_path / "run", "--steps=2", "--seed=1", f"--export={tmp_path / 'x'}"))
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "holds another run (seed was 0, now 1)" in err and "\n" not in err, err
+    assert not (tmp_path / "x.json").exists()
+    after, _ = T.load_checkpoint(str(tmp_path / "run" / "ckpt"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_the_shipped_student_keeps_its_sampler_and_streams(ckpts, tmp_path):
     stem = str(tmp_path / "cfpp")
     first_frame.main(args(ckpts, tmp_path / "run", "--steps=2", f"--export={stem}"))
