@@ -150,20 +150,29 @@ def main(argv):
     run.close()
     # The init's JSON (its sampler, how its video DMD ran) with this stage added; this stage's log ships as
     # NAME.first_frame.log.jsonl, beside the video DMD's NAME.log.jsonl. An init that went through this stage
-    # already keeps that pass's record (nested under "earlier", with its log and time), and the n-th pass's
-    # log is NAME.first_frame<n>.log.jsonl, so shipping into the init's folder overwrites no log.
+    # already keeps that pass's record (nested under "earlier", with its log and time; for a soup.py average
+    # of such students, the soup's list of them), and the n-th pass's log is NAME.first_frame<n>.log.jsonl,
+    # so shipping into the init's folder overwrites no log.
     stage = {"init": os.path.basename(cfg["init"]), "real": os.path.basename(cfg["real"]),
              **{k: cfg[k] for k in ("guidance", "keep_weight", "steps", "batch_size", "seed")}}
     shipped = {k: v for k, v in meta.items() if k not in ("config", "log", "wall_s")}
     if "first_frame" in meta:
         stage["earlier"] = {**meta["first_frame"], "log": meta.get("log"), "wall_s": meta.get("wall_s")}
+    elif any("first_frame" in source for source in meta.get("soup", [])):
+        stage["earlier"] = {"soup": shipped.pop("soup")}
     else:
         shipped.update(dmd_log=meta.get("log"), dmd_wall_s=meta.get("wall_s"))
     shipped["first_frame"] = stage
-    passes, earlier = 1, stage
-    while "earlier" in earlier:
-        passes, earlier = passes + 1, earlier["earlier"]
-    run.ship(cfg["export"], ema, c, shipped, log_name=f"{name}.first_frame{passes if passes > 1 else ''}.log.jsonl")
+    n = passes(stage)
+    run.ship(cfg["export"], ema, c, shipped, log_name=f"{name}.first_frame{n if n > 1 else ''}.log.jsonl")
+
+
+def passes(record):
+    """How many passes of this stage a first_frame record holds: its own and its earlier ones; through a
+    soup, those of its deepest source."""
+    if "soup" in record:
+        return max(passes(source["first_frame"]) for source in record["soup"] if "first_frame" in source)
+    return 1 + (passes(record["earlier"]) if "earlier" in record else 0)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import first_frame
 import model as M
 import rollout
 import sample
+import soup
 import teacher
 import trainer as T
 
@@ -154,6 +155,24 @@ def test_a_second_pass_keeps_the_first_passs_record_and_log(ckpts, tmp_path):
     assert meta["first_frame"]["earlier"] == {**first["first_frame"], "log": first["log"], "wall_s": first["wall_s"]}
     assert meta["log"] == "cfpp.first_frame2.log.jsonl" and open(stem + ".first_frame2.log.jsonl").readline()
     assert open(stem + ".first_frame.log.jsonl").read() == first_log  # the first pass's log is not overwritten
+
+
+def test_a_pass_on_a_soup_of_passes_keeps_the_soup_and_counts_its_passes(ckpts, tmp_path):
+    """soup.py drops the fields its sources differ in (here their first_frame records) to its list of them;
+    the next pass files that list as its earlier record, keeps the video DMD's log, and is the second pass."""
+    for seed in (0, 1):
+        first_frame.main(args(ckpts, tmp_path / f"run{seed}", "--steps=2", f"--seed={seed}",
+                              f"--export={tmp_path / f'p{seed}' / 'cfpp'}"))
+    soup.main([f"--out={tmp_path / 'soup' / 'cfpp'}", str(tmp_path / "p0" / "cfpp"), str(tmp_path / "p1" / "cfpp")])
+    souped = json.load(open(tmp_path / "soup" / "cfpp.json"))
+    stem = tmp_path / "soup" / "cfpp"
+    again = [a for a in args(ckpts, tmp_path / "run2", "--steps=2", "--seed=2", f"--export={stem}")
+             if not a.startswith("--init=")]
+    first_frame.main([f"--init={stem}", *again])
+    meta = json.load(open(tmp_path / "soup" / "cfpp.json"))
+    assert meta["first_frame"]["seed"] == 2 and meta["first_frame"]["earlier"] == {"soup": souped["soup"]}
+    assert "soup" not in meta and meta["dmd_log"] == "x.log.jsonl" and meta["log"] == "cfpp.first_frame2.log.jsonl"
+    assert [s["first_frame"]["seed"] for s in meta["first_frame"]["earlier"]["soup"]] == [0, 1]
 
 
 @pytest.mark.parametrize("extra,message", [
