@@ -8,7 +8,8 @@ the runs share; `soup` lists each run's stem and the fields in which the runs di
 Measured (README, "The world model, trained"): the shipped world student starts from the soup of three DMD runs of
 one command (real-score guidance 1, 0, and 1 with another training seed), steadier across noise seeds than any
 single run and as good as the best one (it beat the other two runs in all 9 paired evaluations), and ends as the
-soup of two passes of first_frame.py (+0.010 Total over 30 fresh noise seeds against the first of them). Averaging
+soup of its second and third first_frame.py passes (+0.010 Total over 30 fresh noise seeds against the second
+alone). Averaging
 text-to-video runs gave a student between its parents, below the shipped one.
 """
 import argparse
