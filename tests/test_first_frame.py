@@ -147,9 +147,8 @@ def test_a_second_pass_keeps_the_first_passs_record_and_log(ckpts, tmp_path):
     first_frame.main(args(ckpts, tmp_path / "run", "--steps=2", f"--export={stem}"))
     first = json.load(open(stem + ".json"))
     first_log = open(stem + ".first_frame.log.jsonl").read()
-    again = [a for a in args(ckpts, tmp_path / "run2", "--steps=2", "--seed=1", f"--export={stem}")
-             if not a.startswith("--init=")]
-    first_frame.main([f"--init={stem}", *again])  # into the init's own stem, as a shipped student would be
+    # a later --init overrides args'; exported into the init's own stem, as a shipped student would be
+    first_frame.main(args(ckpts, tmp_path / "run2", "--steps=2", "--seed=1", f"--export={stem}", f"--init={stem}"))
     meta = json.load(open(stem + ".json"))
     assert meta["first_frame"]["seed"] == 1 and meta["dmd_log"] == "x.log.jsonl"
     assert meta["first_frame"]["earlier"] == {**first["first_frame"], "log": first["log"], "wall_s": first["wall_s"]}
@@ -163,13 +162,11 @@ def test_a_pass_on_a_soup_of_passes_keeps_the_soup_and_counts_its_passes(ckpts, 
     for seed in (0, 1):
         first_frame.main(args(ckpts, tmp_path / f"run{seed}", "--steps=2", f"--seed={seed}",
                               f"--export={tmp_path / f'p{seed}' / 'cfpp'}"))
-    soup.main([f"--out={tmp_path / 'soup' / 'cfpp'}", str(tmp_path / "p0" / "cfpp"), str(tmp_path / "p1" / "cfpp")])
-    souped = json.load(open(tmp_path / "soup" / "cfpp.json"))
     stem = tmp_path / "soup" / "cfpp"
-    again = [a for a in args(ckpts, tmp_path / "run2", "--steps=2", "--seed=2", f"--export={stem}")
-             if not a.startswith("--init=")]
-    first_frame.main([f"--init={stem}", *again])
-    meta = json.load(open(tmp_path / "soup" / "cfpp.json"))
+    soup.main([f"--out={stem}", str(tmp_path / "p0" / "cfpp"), str(tmp_path / "p1" / "cfpp")])
+    souped = json.load(open(f"{stem}.json"))
+    first_frame.main(args(ckpts, tmp_path / "run2", "--steps=2", "--seed=2", f"--export={stem}", f"--init={stem}"))
+    meta = json.load(open(f"{stem}.json"))
     assert meta["first_frame"]["seed"] == 2 and meta["first_frame"]["earlier"] == {"soup": souped["soup"]}
     assert "soup" not in meta and meta["dmd_log"] == "x.log.jsonl" and meta["log"] == "cfpp.first_frame2.log.jsonl"
     assert [s["first_frame"]["seed"] for s in meta["first_frame"]["earlier"]["soup"]] == [0, 1]
