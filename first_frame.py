@@ -37,6 +37,7 @@ DEFAULTS = dict(
     init="checkpoints/cfpp_framewise_2step",  # a frame-wise DMD student whose frame 0 has its own step list
     real="checkpoints/ar_teacher_framewise",  # the frame-wise AR teacher: frame 0's real score and the critic's start
     guidance=0.5,  # the real score's guidance in the DMD form (0.5 = weight 1.5, the teacher's sampler)
+    first_timesteps="",  # frame 0's list instead of the init's, e.g. 1000,833.3,625,250 (shipped in the JSON)
     keep_weight=10.0,  # the keep term's weight beside frame 0's DMD term
     out="",  # run folder (default runs/first_frame_<export name>)
     export="",
@@ -105,7 +106,7 @@ def main(argv):
         device = torch.device(cfg["device"])
     gen, frozen, real, critic, meta = networks(cfg, device)
     c = gen.cfg
-    first = M.timesteps(meta["first_block_steps"], c.shift).tolist()
+    first = first_list(cfg, meta, c.shift)
     block_steps = meta.get("timesteps") or M.timesteps(meta["steps_per_block"], c.shift).tolist()
     sched = dict(frames_per_block=1, steps=first, first=first)  # a one-frame rollout: frame 0 on its list
     name = os.path.basename(cfg["export"]) or os.path.basename(cfg["init"])
@@ -154,7 +155,7 @@ def main(argv):
     # of such students, the soup's list of them), and the n-th pass's log is NAME.first_frame<n>.log.jsonl,
     # so shipping into the init's folder overwrites no log.
     stage = {"init": os.path.basename(cfg["init"]), "real": os.path.basename(cfg["real"]),
-             **{k: cfg[k] for k in ("guidance", "keep_weight", "steps", "batch_size", "seed")}}
+             **{k: cfg[k] for k in ("guidance", "keep_weight", "steps", "batch_size", "seed")}, "first_timesteps": first}
     shipped = {k: v for k, v in meta.items() if k not in ("config", "log", "wall_s")}
     if "first_frame" in meta:
         stage["earlier"] = {**meta["first_frame"], "log": meta.get("log"), "wall_s": meta.get("wall_s")}
@@ -163,8 +164,20 @@ def main(argv):
     else:
         shipped.update(dmd_log=meta.get("log"), dmd_wall_s=meta.get("wall_s"))
     shipped["first_frame"] = stage
+    if cfg["first_timesteps"]:  # sample.py reads frame 0's list from here (an init's own list is already in meta)
+        shipped.update(first_block_steps=len(first), first_timesteps=first)
     n = passes(stage)
     run.ship(cfg["export"], ema, c, shipped, log_name=f"{name}.first_frame{n if n > 1 else ''}.log.jsonl")
+
+
+def first_list(cfg, meta, shift):
+    """Frame 0's step list: --first_timesteps, else the init's own list, else the warped first_block_steps."""
+    if not cfg["first_timesteps"]:
+        return meta.get("first_timesteps") or M.timesteps(meta["first_block_steps"], shift).tolist()
+    try:
+        return M.timestep_list(cfg["first_timesteps"])
+    except ValueError as e:
+        T.die(f"--first_timesteps {e}, got {cfg['first_timesteps']!r}")
 
 
 def passes(record):

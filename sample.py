@@ -223,8 +223,11 @@ def plan(meta, a, cfg):
     else:
         ts = timestep_list(meta["timesteps"], "the checkpoint JSON's timesteps")
     first = count(meta, "first_block_steps")
-    return dict(kind=kind, fpb=fpb, frames=n_frames, steps=len(ts), timesteps=ts,
-                first=M.timesteps(first, cfg.shift).tolist() if first else None,
+    if first and "first_timesteps" in meta:  # frame 0's own list (first_frame.py --first_timesteps)
+        first = timestep_list(meta["first_timesteps"], "the checkpoint JSON's first_timesteps")
+    elif first:
+        first = M.timesteps(first, cfg.shift).tolist()
+    return dict(kind=kind, fpb=fpb, frames=n_frames, steps=len(ts), timesteps=ts, first=first,
                 solver=a.solver or "consistency", guidance=guidance, window=window, sink=a.sink if window else 0)
 
 

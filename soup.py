@@ -17,7 +17,8 @@ import os
 
 import trainer as T
 
-SAME = ("config", "kind", "init", "frames_per_block", "steps_per_block", "first_block_steps", "timesteps", "shift")
+SAME = ("config", "kind", "init", "frames_per_block", "steps_per_block", "first_block_steps", "first_timesteps",
+        "timesteps", "shift")
 
 
 def soup(stems):

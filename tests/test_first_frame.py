@@ -56,6 +56,26 @@ def test_the_generator_rolls_out_frame_0_alone_on_its_4_step_list(ckpts, tmp_pat
     assert lists and all(item == (1, first) for item in lists)  # one frame, never the block list
 
 
+def test_a_frame_0_list_is_trained_on_shipped_and_sampled_and_kept_by_the_next_pass(ckpts, tmp_path, monkeypatch):
+    """--first_timesteps: the rollouts run frame 0 on that list, the JSON ships it, sample.py's frame 0 takes it
+    (and the block list stays the init's), and a later pass without the flag trains on it too."""
+    lists = []
+    real_denoise = rollout.denoise_block
+    monkeypatch.setattr(rollout, "denoise_block", lambda m, x, ts, *a, **k:
+                        lists.append([round(t, 1) for t in ts]) or real_denoise(m, x, ts, *a, **k))
+    stem = str(tmp_path / "cfpp")
+    first_frame.main(args(ckpts, tmp_path / "run", "--steps=2", "--first_timesteps=1000,500,100", f"--export={stem}"))
+    assert lists and all(ts == [1000.0, 500.0, 100.0] for ts in lists)
+    meta = json.load(open(stem + ".json"))
+    assert meta["first_timesteps"] == [1000.0, 500.0, 100.0] and meta["first_block_steps"] == 3
+    p = sample.plan(meta, sample.parse_args([]), CFG)
+    assert p["first"] == [1000.0, 500.0, 100.0] and p["timesteps"] == [1000.0, 250.0]
+    lists.clear()
+    first_frame.main(args(ckpts, tmp_path / "run2", "--steps=2", f"--init={stem}", f"--export={tmp_path / 'again'}"))
+    assert lists and all(ts == [1000.0, 500.0, 100.0] for ts in lists)
+    assert json.load(open(tmp_path / "again.json"))["first_timesteps"] == [1000.0, 500.0, 100.0]
+
+
 class FrameZeroOnly(torch.nn.Module):
     """The frozen init, with its output moved on frame 0 only (or on every frame)."""
 
@@ -178,6 +198,7 @@ def test_a_pass_on_a_soup_of_passes_keeps_the_soup_and_counts_its_passes(ckpts, 
     (["--real={base}"], "expected 'ar_teacher'"),
     (["--keep_weight=-1"], "--keep_weight must be >= 0"),
     (["--batch_size=0"], "--batch_size must be positive"),
+    (["--first_timesteps=250,1000"], "--first_timesteps must be strictly descending"),
 ])
 def test_bad_options_exit_2_with_one_line(ckpts, tmp_path, capsys, extra, message):
     extra = [e.format(**ckpts) for e in extra]
