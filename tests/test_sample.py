@@ -200,7 +200,8 @@ def test_first_frame_is_cached_context(ck, tmp_path):
 
 def test_a_students_timestep_list_comes_from_its_json_or_timesteps(ck, monkeypatch):
     """dmd.py --timesteps ships an explicit block list in the JSON; sample.py samples it by default,
-    --timesteps overrides it, --steps goes back to the warped list; frame 0 keeps its 4-step list."""
+    --timesteps overrides it, --steps goes back to the warped list; frame 0 keeps its 4-step list, or the
+    JSON's first_timesteps (first_frame.py --first_timesteps) when it has one."""
     lists = []
     real_denoise = rollout.denoise_block
     monkeypatch.setattr(rollout, "denoise_block",
@@ -216,8 +217,14 @@ def test_a_students_timestep_list_comes_from_its_json_or_timesteps(ck, monkeypat
         p = sample.plan(listed, sample.parse_args(flags), model.cfg)
         sample.run(model, data.tokenize(["red circle"]), p, 0, torch.device("cpu"))
         assert lists == [first] + [want] * 5 and p["steps"] == len(want), (json_list, flags, lists)
-    with pytest.raises(SystemExit):  # a bad list in the JSON is one line too, not a traceback
-        sample.plan({**meta, "timesteps": [250, 1000]}, sample.parse_args([]), model.cfg)
+    lists.clear()
+    own = {**meta, "timesteps": [1000, 250], "first_timesteps": [1000, 833.3, 625, 250]}
+    sample.run(model, data.tokenize(["red circle"]), sample.plan(own, sample.parse_args([]), model.cfg), 0,
+               torch.device("cpu"))
+    assert lists == [[1000.0, 833.3, 625.0, 250.0]] + [[1000.0, 250.0]] * 5, lists
+    for bad_list in ({"timesteps": [250, 1000]}, {"first_timesteps": [250, 1000]}):  # one line, not a traceback
+        with pytest.raises(SystemExit):
+            sample.plan({**meta, **bad_list}, sample.parse_args([]), model.cfg)
 
 
 @pytest.fixture(scope="module")
