@@ -5,7 +5,9 @@
                           --guidance=1.0 --export=checkpoints/world_framewise
 (the init: the student as dmd.py, or soup.py, made it). Both shipped frame-wise 2-step students went
 through it: Total 0.882 -> 0.906 and 0.843 -> 0.877 over noise seeds 0-2 (README, "Frame 0's own stage");
-the world student went through it twice more (--seed=1, then --seed=2 on that, the two averaged by soup.py).
+the world student went through it twice more (--seed=1, then --seed=2 on that, the two averaged by soup.py),
+the text student twice more with frame 0 on [1000, 833.3, 625, 250] (--first_timesteps: its last x0 then comes
+from t = 250, not 625; 0.883 -> 0.895 over 20 fresh noise seeds).
 
 Frame 0 is the frame-wise student's weak frame: it has no history, and its 4 steps must draw the object
 from noise, which the AR teacher does in 48 (README, stage 3: a teacher-drawn frame 0 lifts the same
@@ -154,8 +156,8 @@ def main(argv):
     # already keeps that pass's record (nested under "earlier", with its log and time; for a soup.py average
     # of such students, the soup's list of them), and the n-th pass's log is NAME.first_frame<n>.log.jsonl,
     # so shipping into the init's folder overwrites no log.
-    stage = {"init": os.path.basename(cfg["init"]), "real": os.path.basename(cfg["real"]),
-             **{k: cfg[k] for k in ("guidance", "keep_weight", "steps", "batch_size", "seed")}, "first_timesteps": first}
+    stage = {"init": os.path.basename(cfg["init"]), "real": os.path.basename(cfg["real"]), "first_timesteps": first,
+             **{k: cfg[k] for k in ("guidance", "keep_weight", "steps", "batch_size", "seed")}}
     shipped = {k: v for k, v in meta.items() if k not in ("config", "log", "wall_s")}
     if "first_frame" in meta:
         stage["earlier"] = {**meta["first_frame"], "log": meta.get("log"), "wall_s": meta.get("wall_s")}
