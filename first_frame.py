@@ -5,9 +5,9 @@
                           --guidance=1.0 --export=checkpoints/world_framewise
 (the init: the student as dmd.py, or soup.py, made it). Both shipped frame-wise 2-step students went
 through it: Total 0.882 -> 0.906 and 0.843 -> 0.877 over noise seeds 0-2 (README, "Frame 0's own stage");
-the world student went through it twice more (--seed=1, then --seed=2 on that, the two averaged by soup.py),
-the text student twice more with frame 0 on [1000, 833.3, 625, 250] (--first_timesteps: its last x0 then comes
-from t = 250, not 625; 0.883 -> 0.895 over 20 fresh noise seeds).
+the world student three times more (--seed=1, then --seed=2 on that, the two averaged by soup.py, then
+--seed=3 on that soup, averaged with it), the text student twice more with frame 0 on [1000, 833.3, 625, 250]
+(--first_timesteps: its last x0 then comes from t = 250, not 625; 0.883 -> 0.895 over 20 fresh noise seeds).
 
 Frame 0 is the frame-wise student's weak frame: it has no history, and its 4 steps must draw the object
 from noise, which the AR teacher does in 48 (README, stage 3: a teacher-drawn frame 0 lifts the same
@@ -161,7 +161,7 @@ def main(argv):
     shipped = {k: v for k, v in meta.items() if k not in ("config", "log", "wall_s")}
     if "first_frame" in meta:
         stage["earlier"] = {**meta["first_frame"], "log": meta.get("log"), "wall_s": meta.get("wall_s")}
-    elif any("first_frame" in source for source in meta.get("soup", [])):
+    elif passes({"soup": meta.get("soup", [])}):  # a soup of students that went through this stage
         stage["earlier"] = {"soup": shipped.pop("soup")}
     else:
         shipped.update(dmd_log=meta.get("log"), dmd_wall_s=meta.get("wall_s"))
@@ -184,9 +184,10 @@ def first_list(cfg, meta, shift):
 
 def passes(record):
     """How many passes of this stage a first_frame record holds: its own and its earlier ones; through a
-    soup, those of its deepest source."""
+    soup, those of its deepest source, whose own passes sit on top of its own soup when it has one."""
     if "soup" in record:
-        return max(passes(source["first_frame"]) for source in record["soup"] if "first_frame" in source)
+        return max([0] + [(passes(s["first_frame"]) if s.get("first_frame") else 0)
+                          + (passes({"soup": s["soup"]}) if s.get("soup") else 0) for s in record["soup"]])
     return 1 + (passes(record["earlier"]) if "earlier" in record else 0)
 
 

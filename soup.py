@@ -4,12 +4,13 @@
 
 The runs must be one student: the same init, config, kind and sampler (frames per block, step lists). The
 weights are averaged with equal weight in fp32 and stored in the first checkpoint's dtype. The JSON holds what
-the runs share; `soup` lists each run's stem and the fields in which the runs differ (e.g. real_guidance).
+the runs share; `soup` lists each run's stem, the fields in which the runs differ (e.g. real_guidance) and, for
+a run that is a soup itself, its own `soup` list.
 Measured (README, "The world model, trained"): the shipped world student starts from the soup of three DMD runs of
 one command (real-score guidance 1, 0, and 1 with another training seed), steadier across noise seeds than any
-single run and as good as the best one (it beat the other two runs in all 9 paired evaluations), and ends as the
-soup of its second and third first_frame.py passes (+0.010 Total over 30 fresh noise seeds against the second
-alone). Averaging text-to-video runs gave a student between its parents, below the shipped one.
+single run and as good as the best one (it beat the other two runs in all 9 paired evaluations), and ends as a
+soup of soups: that of its second and third first_frame.py passes (+0.010 Total over 30 fresh noise seeds against
+the second alone), averaged with a fourth pass made from it (+0.005 over 30 more). Averaging text-to-video runs gave a student between its parents, below the shipped one.
 """
 import argparse
 import os
@@ -33,9 +34,12 @@ def soup(stems):
             T.die(f"{stem} holds other tensors than {stems[0]}")
     tensors = {k: (sum(t[k].float() for t, _ in loaded) / len(loaded)).to(v.dtype) for k, v in first.items()}
     metas = [m for _, m in loaded]
-    differ = sorted({k for m in metas for k in m if any(n.get(k) != m.get(k) for n in metas)})
+    differ = sorted({k for m in metas for k in m if k != "soup" and any(n.get(k) != m.get(k) for n in metas)})
     sources = [dict(stem=os.path.normpath(s), **{k: m.get(k) for k in differ}) for s, m in zip(stems, metas)]
-    return tensors, dict({k: v for k, v in meta.items() if k not in differ}, soup=sources)
+    for source, m in zip(sources, metas):  # a source that is a soup keeps its own list: a soup of soups names every run
+        if "soup" in m:
+            source["soup"] = m["soup"]
+    return tensors, dict({k: v for k, v in meta.items() if k not in differ and k != "soup"}, soup=sources)
 
 
 def main(argv=None):

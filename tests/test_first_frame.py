@@ -2,6 +2,7 @@
 frames 1.. (and only those) where the frozen init had them, each optimiser moves only its network while the
 real score and the init stay frozen, resume is exact, and the shipped student keeps its sampler."""
 import json
+import os
 from dataclasses import asdict
 
 import numpy as np
@@ -190,6 +191,25 @@ def test_a_pass_on_a_soup_of_passes_keeps_the_soup_and_counts_its_passes(ckpts, 
     assert meta["first_frame"]["seed"] == 2 and meta["first_frame"]["earlier"] == {"soup": souped["soup"]}
     assert "soup" not in meta and meta["dmd_log"] == "x.log.jsonl" and meta["log"] == "cfpp.first_frame2.log.jsonl"
     assert [s["first_frame"]["seed"] for s in meta["first_frame"]["earlier"]["soup"]] == [0, 1]
+
+
+def test_a_soup_of_a_soup_names_every_run_and_the_next_pass_counts_the_deepest_chain(ckpts, tmp_path):
+    """The shipped world student's shape: the soup of (a soup of passes) and a further pass on that soup.
+    Its JSON keeps the inner soup's list; a pass on it is numbered after the deepest chain (here 2 + 1)."""
+    run = lambda n, *extra: first_frame.main(args(ckpts, tmp_path / f"run{n}", "--steps=2", f"--seed={n}", *extra))
+    p0, p1, p2 = (tmp_path / f"p{n}" / "cfpp" for n in range(3))
+    inner, outer = tmp_path / "s01" / "cfpp", tmp_path / "s012" / "cfpp"
+    run(0, f"--export={p0}")
+    run(1, f"--export={p1}")
+    soup.main([f"--out={inner}", str(p0), str(p1)])
+    run(2, f"--init={inner}", f"--export={p2}")
+    soup.main([f"--out={outer}", str(inner), str(p2)])
+    entries = json.load(open(f"{outer}.json"))["soup"]
+    assert [s["stem"] for s in entries[0]["soup"]] == [os.path.normpath(p0), os.path.normpath(p1)]
+    assert entries[1]["first_frame"]["seed"] == 2 and "soup" not in entries[1]
+    run(3, f"--init={outer}", f"--export={outer}")
+    meta = json.load(open(f"{outer}.json"))
+    assert meta["first_frame"]["earlier"] == {"soup": entries} and meta["log"] == "cfpp.first_frame3.log.jsonl"
 
 
 @pytest.mark.parametrize("extra,message", [
