@@ -10,7 +10,8 @@ Measured (README, "The world model, trained"): the shipped world student starts 
 one command (real-score guidance 1, 0, and 1 with another training seed), steadier across noise seeds than any
 single run and as good as the best one (it beat the other two runs in all 9 paired evaluations), and ends as a
 soup of soups: that of its second and third first_frame.py passes (+0.010 Total over 30 fresh noise seeds against
-the second alone), averaged with a fourth pass made from it (+0.005 over 30 more). Averaging text-to-video runs gave a student between its parents, below the shipped one.
+the second alone), averaged with a fourth pass made from it (+0.005 over 30 more). Averaging text-to-video runs
+gave a student between its parents, below the shipped one.
 """
 import argparse
 import os
