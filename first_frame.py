@@ -161,7 +161,7 @@ def main(argv):
     shipped = {k: v for k, v in meta.items() if k not in ("config", "log", "wall_s")}
     if "first_frame" in meta:
         stage["earlier"] = {**meta["first_frame"], "log": meta.get("log"), "wall_s": meta.get("wall_s")}
-    elif passes({"soup": meta.get("soup", [])}):  # a soup of students that went through this stage
+    elif soup_passes(meta.get("soup", [])):  # a soup of students that went through this stage
         stage["earlier"] = {"soup": shipped.pop("soup")}
     else:
         shipped.update(dmd_log=meta.get("log"), dmd_wall_s=meta.get("wall_s"))
@@ -184,11 +184,17 @@ def first_list(cfg, meta, shift):
 
 def passes(record):
     """How many passes of this stage a first_frame record holds: its own and its earlier ones; through a
-    soup, those of its deepest source, whose own passes sit on top of its own soup when it has one."""
+    soup, those of its deepest source."""
     if "soup" in record:
-        return max([0] + [(passes(s["first_frame"]) if s.get("first_frame") else 0)
-                          + (passes({"soup": s["soup"]}) if s.get("soup") else 0) for s in record["soup"]])
+        return soup_passes(record["soup"])
     return 1 + (passes(record["earlier"]) if "earlier" in record else 0)
+
+
+def soup_passes(sources):
+    """The deepest chain of passes among a soup.py list of sources (0 for a soup of video DMD runs); a source's
+    own passes sit on top of its own soup when it is one."""
+    return max([0] + [(passes(s["first_frame"]) if s.get("first_frame") else 0) + soup_passes(s.get("soup") or [])
+                      for s in sources])
 
 
 if __name__ == "__main__":
