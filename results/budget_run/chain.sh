@@ -1,7 +1,7 @@
 #!/bin/bash
 # The budget run: stage 0 (bell weight from step 0) + both AR teachers, one after the other, alone on the CPU.
 # With no arguments it is the measured run of 2026-12-04 (3,000 base steps, evaluations along the way, runs/budget).
-#   bash results/budget_run/chain.sh 4500 final runs/budget4500   # the prepared rerun: final evaluations only
+#   bash results/budget_run/chain.sh 4500 final runs/budget4500   # the measured run of 2026-12-05 (final evaluations only; logs in results/budget4500)
 set -e
 cd "$(dirname "$0")/../.."
 export OMP_WAIT_POLICY=PASSIVE
