@@ -136,13 +136,30 @@ def make_action_clip(seed, frames=FRAMES, actions=None, prompt=None):
     return render(shape, colour, path[:, 0], path[:, 1], r), f"{colour} {shape}", actions
 
 
+def parse_action_script(text, frames):
+    """"none,right*4" (NAME or NAME*COUNT, comma-separated) -> one action name per frame, exactly `frames`."""
+    names = []
+    for item in text.split(","):
+        name, star, times = (u.strip() for u in item.partition("*"))
+        if name not in ACTIONS:
+            raise ValueError(f"unknown action {name!r} in {item.strip()!r}; actions: {', '.join(ACTIONS)}")
+        if star and not (times.isdigit() and int(times) > 0):
+            raise ValueError(f"{item.strip()!r} needs a positive whole count after '*'")
+        names += [name] * (int(times) if star else 1)
+    if len(names) != frames:
+        raise ValueError(f"the script gives {len(names)} actions for {frames} frames; give exactly one per frame")
+    return names
+
+
 def make_clips(num, seed=0, frames=FRAMES, actions=False):
     """A fixed evaluation set: clip i has prompt PROMPTS[i % 18] (balanced) and seed (seed, i, EVAL).
+    actions: False (text-to-video), True (random sticky actions) or one list of names every clip follows.
     -> videos uint8 [N, T, 32, 32, 3], prompts (, actions)."""
-    clips = [(make_action_clip if actions else make_clip)((seed, i, EVAL), frames, prompt=PROMPTS[i % len(PROMPTS)])
-             for i in range(num)]
+    script = actions if isinstance(actions, list) else None
+    clips = [make_action_clip(s, frames, script, p) if actions is not False else make_clip(s, frames, p)
+             for s, p in (((seed, i, EVAL), PROMPTS[i % len(PROMPTS)]) for i in range(num))]
     videos, prompts = np.stack([c[0] for c in clips]), [c[1] for c in clips]
-    return (videos, prompts, [c[2] for c in clips]) if actions else (videos, prompts)
+    return (videos, prompts, [c[2] for c in clips]) if actions is not False else (videos, prompts)
 
 
 # ----------------------------------------------------------------------------- model-side helpers
@@ -336,7 +353,10 @@ def main():
     p.add_argument("--num-videos", type=int, default=18)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frames", type=int, default=FRAMES)
-    p.add_argument("--actions", action="store_true", help="the action-controlled world (writes PATH.actions.txt)")
+    p.add_argument("--actions", nargs="?", const="random", metavar="SCRIPT",
+                   help="the action-controlled world (writes PATH.actions.txt). Alone: random sticky actions; with "
+                        "SCRIPT (NAME or NAME*COUNT, comma-separated, as in sample.py) every clip follows it: what a "
+                        "perfect world model would draw for that script")
     p.add_argument("--save-npy", metavar="PATH", help="uint8 [N,T,32,32,3]; prompts go to PATH.prompts.txt")
     p.add_argument("--out", help="preview: .png contact sheet, .gif or .mp4")
     a = p.parse_args()
@@ -350,15 +370,21 @@ def main():
         die(f"--save-npy {a.save_npy!r} must end in .npy")
     if a.out is not None and os.path.splitext(a.out)[1].lower() not in (".png", ".gif", ".mp4"):
         die(f"--out {a.out!r} must end in .png, .gif or .mp4")
-    videos, prompts, *actions = make_clips(a.num_videos, a.seed, a.frames, a.actions)
+    actions = a.actions is not None
+    if a.actions not in (None, "random"):
+        try:
+            actions = parse_action_script(a.actions, a.frames)
+        except ValueError as e:
+            die(f"--actions: {e}")
+    videos, prompts, *clip_actions = make_clips(a.num_videos, a.seed, a.frames, actions)
     try:
         if a.save_npy:
             np.save(a.save_npy, videos)
             with open(a.save_npy + ".prompts.txt", "w") as f:
                 f.write("\n".join(prompts) + "\n")
-            if a.actions:
+            if clip_actions:
                 with open(a.save_npy + ".actions.txt", "w") as f:
-                    f.write("\n".join(",".join(acts) for acts in actions[0]) + "\n")
+                    f.write("\n".join(",".join(acts) for acts in clip_actions[0]) + "\n")
         if a.out:
             save_preview(videos, a.out)
     except OSError as e:

@@ -132,17 +132,10 @@ def read_prompts(a):
 
 def parse_actions(text, n_frames):
     """--actions "none,right*4" -> one action name per frame, exactly n_frames of them."""
-    names = []
-    for item in text.split(","):
-        name, star, times = (u.strip() for u in item.partition("*"))
-        if name not in data.ACTIONS:
-            T.die(f"--actions: unknown action {name!r} in {item.strip()!r}; actions: {', '.join(data.ACTIONS)}")
-        if star and not (times.isdigit() and int(times) > 0):
-            T.die(f"--actions: {item.strip()!r} needs a positive whole count after '*'")
-        names += [name] * (int(times) if star else 1)
-    if len(names) != n_frames:
-        T.die(f"--actions gives {len(names)} actions for {n_frames} frames; give exactly one per frame")
-    return names
+    try:
+        return data.parse_action_script(text, n_frames)
+    except ValueError as e:
+        T.die(f"--actions: {e}")
 
 
 def read_actions(a, cfg, p, n_videos):

@@ -11,6 +11,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
+import eval as eval_mod  # noqa: E402
 
 
 def digest(video):
@@ -200,7 +201,8 @@ def run_main(monkeypatch, capsys, *argv):
 
 @pytest.mark.parametrize("argv", [
     ["--num-videos", "0", "--save-npy", "x.npy"], ["--frames", "-1", "--save-npy", "x.npy"],
-    ["--save-npy", "x.txt"], ["--out", "x.jpg"], [], ["--num-videos", "two"]])
+    ["--save-npy", "x.txt"], ["--out", "x.jpg"], [], ["--num-videos", "two"],
+    ["--actions", "none,jump*11", "--save-npy", "x.npy"], ["--actions", "none,up*4", "--save-npy", "x.npy"]])
 def test_cli_bad_input(monkeypatch, capsys, tmp_path, argv):
     monkeypatch.chdir(tmp_path)
     code, err = run_main(monkeypatch, capsys, *argv)
@@ -220,3 +222,18 @@ def test_cli_writes_npy_prompts_actions(tmp_path):
     ref = data.make_clips(3, seed=1, frames=5, actions=True)
     assert (videos == ref[0]).all() and prompts == ref[1] and actions == ref[2]
     assert (tmp_path / "w.png").exists()
+
+
+def test_cli_clips_follow_a_given_action_script(tmp_path):
+    """--actions SCRIPT: every clip follows the script, so real clips score action following 1 on it (the
+    ceiling a world model is judged against); random actions would not."""
+    path = tmp_path / "s.npy"
+    subprocess.run([sys.executable, "data.py", "--num-videos", "6", "--seed", "2", "--actions", "none,right*4,up*7",
+                    "--save-npy", str(path)], cwd=ROOT, check=True)
+    script = ["none"] + ["right"] * 4 + ["up"] * 7
+    actions = [line.split(",") for line in (tmp_path / "s.npy.actions.txt").read_text().splitlines()]
+    assert actions == [script] * 6
+    videos = np.load(path)
+    assert eval_mod.action_following(videos, actions) == 1.0
+    x = eval_mod.video_stats(videos)["centre"][:, :, 0]  # right for 4 frames (2 px each unless at the wall)
+    assert (np.diff(x[:, :5], axis=1) >= 0).all() and (x[:, 4] > x[:, 0]).any()
