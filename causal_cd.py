@@ -259,7 +259,7 @@ def load_source(cfg, device):
             T.die(f"no default teacher for --frames_per_block={fpb}; pass --teacher=STEM")
         stem, kind = cfg["teacher"] or TEACHERS[fpb], "ar_teacher"
         how = f"python teacher.py --stage=ar --frames_per_block={fpb}"
-    stem = stem[: -len(".safetensors")] if stem.endswith(".safetensors") else stem
+    stem = T.checkpoint_stem(stem)
     if not os.path.exists(stem + ".json"):
         T.die(f"{kind} checkpoint {stem}.safetensors not found; train it first: {how} --export={stem}")
     net, meta = T.load_model(stem, device)

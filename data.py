@@ -138,16 +138,18 @@ def make_action_clip(seed, frames=FRAMES, actions=None, prompt=None):
 
 def parse_action_script(text, frames):
     """"none,right*4" (NAME or NAME*COUNT, comma-separated) -> one action name per frame, exactly `frames`."""
-    names = []
+    names, total = [], 0
     for item in text.split(","):
         name, star, times = (u.strip() for u in item.partition("*"))
         if name not in ACTIONS:
             raise ValueError(f"unknown action {name!r} in {item.strip()!r}; actions: {', '.join(ACTIONS)}")
-        if star and not (times.isdigit() and int(times) > 0):
+        if star and not (times.isascii() and times.isdigit() and int(times) > 0):
             raise ValueError(f"{item.strip()!r} needs a positive whole count after '*'")
-        names += [name] * (int(times) if star else 1)
-    if len(names) != frames:
-        raise ValueError(f"the script gives {len(names)} actions for {frames} frames; give exactly one per frame")
+        count = int(times) if star else 1
+        total += count
+        names += [name] * min(count, frames + 1 - len(names))  # counted, not built, past one too many
+    if total != frames:
+        raise ValueError(f"the script gives {total} actions for {frames} frames; give exactly one per frame")
     return names
 
 
@@ -350,6 +352,7 @@ def save_preview(videos, path, scale=None, fps=8):
 
 def main():
     p = argparse.ArgumentParser(description="Render Bouncing Shapes clips (balanced prompts) to .npy and/or a preview.")
+    p.error = lambda message: die(f"{message} (see --help)")  # one line, exit 2, like every bad input
     p.add_argument("--num-videos", type=int, default=18)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frames", type=int, default=FRAMES)

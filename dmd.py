@@ -269,14 +269,14 @@ def main(argv):
         b = make_batch(cfg, step, stream, shape, sched, mcfg.shift, mcfg.num_actions > 0, latents)
         return {k: (v[local].to(device) if torch.is_tensor(v) and v.ndim else v) for k, v in b.items()}
 
-    last = {}
     for step in range(run.start, cfg["steps"]):
+        logged = {}  # the generator's numbers only on its own steps: a resumed log equals an uninterrupted one
         if step % cfg["critic_updates"] == 0:  # the generator: DMD through its own rollout
             b = batch(step, 0)
             with T.autocast(device, cfg["bf16"]):
                 x = self_forcing(gen_ddp, b, sched, rows)
                 loss = generator_loss(x, b, cfg, real, critic, score_fpb, first)
-            last = dict(dmd_loss=run.check(loss, step),  # = mean g^2 / 2 (+ the frame-0 term's, weighted)
+            logged = dict(dmd_loss=run.check(loss, step),  # = mean g^2 / 2 (+ the frame-0 term's, weighted)
                         gen_grad_norm=T.optimizer_step(opt_g, loss, cfg["lr"], cfg["grad_clip"]))
             n = step // cfg["critic_updates"]
             ema.update(gen, min(cfg["ema"], (1 + n) / (10 + n)))  # warm-up: early EMA tracks the weights
@@ -291,9 +291,9 @@ def main(argv):
             x0, eps0, a0 = frame0(b, x)
             with T.autocast(device, cfg["bf16"]):
                 loss = critic_loss(first_critic_ddp, x0, b["tokens"], b["t"], eps0, a0)
-            last["first_critic_loss"] = run.check(loss, step)
+            logged["first_critic_loss"] = run.check(loss, step)
             T.optimizer_step(opt_f, loss, cfg["critic_lr"], cfg["grad_clip"])
-        run.log(step + 1, critic_loss=value, critic_grad_norm=grad_norm, **last)
+        run.log(step + 1, critic_loss=value, critic_grad_norm=grad_norm, **logged)
         if (step + 1) % cfg["ckpt_every"] == 0 or step + 1 == cfg["steps"]:
             run.save(step + 1)
     run.close()

@@ -103,8 +103,8 @@ def check_videos(videos):
     videos = np.asarray(videos)
     if videos.dtype != np.uint8 or videos.ndim != 5 or videos.shape[-1] != 3 or videos.shape[2] != videos.shape[3]:
         raise ValueError(f"videos must be uint8 [N, T, H, W, 3] with H == W, got {videos.dtype} {list(videos.shape)}")
-    if videos.shape[0] < 1 or videos.shape[1] < 3:
-        raise ValueError(f"need at least 1 video of at least 3 frames, got {list(videos.shape)}")
+    if videos.shape[0] < 1 or videos.shape[1] < 3 or videos.shape[2] < 1:
+        raise ValueError(f"need at least 1 video of at least 3 frames of at least 1x1 pixels, got {list(videos.shape)}")
     return videos
 
 
@@ -264,6 +264,7 @@ def _lines(path, n, what):
 
 def main():
     p = argparse.ArgumentParser(description="Score videos of the Bouncing Shapes world with toy-VBench.")
+    p.error = lambda message: die(f"{message} (see --help)")  # one line, exit 2, like every bad input
     p.add_argument("--npy", required=True, help="uint8 [N,T,H,W,3] videos")
     p.add_argument("--prompts", help="one '<colour> <shape>' per line (default: NPY.prompts.txt if it exists)")
     p.add_argument("--actions", help="comma-separated actions, a line per video (default: NPY.actions.txt if any)")

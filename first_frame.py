@@ -126,8 +126,8 @@ def main(argv):
         b = dmd.make_batch(cfg, step, stream, shape, sched, c.shift, c.num_actions > 0)
         return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
 
-    last = {}
     for step in range(run.start, cfg["steps"]):
+        logged = {}  # the generator's numbers only on its own steps: a resumed log equals an uninterrupted one
         if step % cfg["critic_updates"] == 0:  # the generator: frame 0's DMD term + the keep term
             b = batch(step, 0)
             with T.autocast(device, cfg["bf16"]):
@@ -136,7 +136,7 @@ def main(argv):
                                              b.get("actions"))
                 keep = keep_loss(gen, frozen, cfg, step, block_steps)
             loss = first_loss + cfg["keep_weight"] * keep
-            last = dict(dmd_loss=run.check(first_loss, step), keep_loss=run.check(keep, step),
+            logged = dict(dmd_loss=run.check(first_loss, step), keep_loss=run.check(keep, step),
                         gen_grad_norm=T.optimizer_step(opt_g, loss, cfg["lr"], cfg["grad_clip"]))
             n = step // cfg["critic_updates"]
             ema.update(gen, min(cfg["ema"], (1 + n) / (10 + n)))
@@ -147,7 +147,7 @@ def main(argv):
             loss = dmd.critic_loss(critic, x, b["tokens"], b["t"], b["eps"], b.get("actions"))
         value = run.check(loss, step)
         run.log(step + 1, critic_loss=value, critic_grad_norm=T.optimizer_step(opt_c, loss, cfg["critic_lr"],
-                                                                             cfg["grad_clip"]), **last)
+                                                                             cfg["grad_clip"]), **logged)
         if (step + 1) % cfg["ckpt_every"] == 0 or step + 1 == cfg["steps"]:
             run.save(step + 1)
     run.close()

@@ -474,7 +474,7 @@ class CausalWanModel(nn.Module):
                         h=grid_h, w=grid_w, pt=pt, ph=ph, pw=pw).float()
         if cfg.prediction == "x0":  # the head drew x0; callers take v. sigma is capped below so that a t = 0
             # pass (the cache write) stays finite and the v loss's implied weight 1/sigma^2 on x0 stays bounded
-            sigma = (t_noisy.repeat_interleave(pt, dim=1) / 1000).clamp(min=X0_MIN_SIGMA)[:, None, :, None, None]
+            sigma = (t_noisy / 1000).clamp(min=X0_MIN_SIGMA)[:, None, :, None, None]
             out = (x.float() - out) / sigma
         return out
 

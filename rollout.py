@@ -42,14 +42,12 @@ def velocity(model, x, t, ctx, guidance, **kw):
 
 
 @torch.no_grad()
-def sample_bidirectional(model, tokens, noise, steps=48, guidance=3.0, shift=None, actions=None, solver="euler",
-                         generator=None):
+def sample_bidirectional(model, tokens, noise, steps=48, guidance=3.0, actions=None, solver="euler", generator=None):
     """All frames at once along the shifted grid from t = 1000 to 0 (actions [B, F]: a world model's).
     solver "euler" follows the ODE; "consistency" takes x0 at every grid point and re-noises it with fresh
     noise to the next one, which forgets the errors of earlier steps instead of carrying them along."""
-    shift = shift or model.cfg.shift
     ctx = contexts(model, tokens, guidance)
-    grid = torch.cat([M.timesteps(steps, shift), torch.zeros(1)]).tolist()
+    grid = torch.cat([M.timesteps(steps, model.cfg.shift), torch.zeros(1)]).tolist()
     x = noise
     B = x.shape[0]
     for t, t_next in zip(grid[:-1], grid[1:]):

@@ -16,6 +16,7 @@ the PNG contact sheet is written at the end.
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -79,12 +80,14 @@ def parse_args(argv):
     p.add_argument("--compare-ckpt", default=COMPARE_CKPT, help=f"what --compare times (default {COMPARE_CKPT})")
     a = p.parse_args(argv)
     a.bench = a.bench or a.compare
+    if not 0 <= a.seed < 2 ** 63:
+        T.die(f"--seed must lie in [0, 2^63), got {a.seed}")
     return a
 
 
 def resolve_ckpt(path):
     if path:
-        return path[: -len(".safetensors")] if path.endswith(".safetensors") else path
+        return T.checkpoint_stem(path)
     for stem in DEFAULT_CKPTS:
         if os.path.exists(stem + ".json"):
             return stem
@@ -192,11 +195,18 @@ def plan(meta, a, cfg):
         T.die(f"--num-frames {n_frames} is not a multiple of --frames-per-block {fpb}")
     if kind == "base" and n_frames != cfg.frames:
         T.die(f"the bidirectional base generates exactly its trained {cfg.frames} frames")
+    if kind == "base" and (a.window is not None or a.sink):
+        T.die("--window and --sink are for causal checkpoints: the bidirectional base denoises all frames at once")
     window = a.window if a.window is not None else (cfg.frames if n_frames > cfg.frames else None)
+    if a.sink and window is None:
+        T.die(f"--sink keeps frames of a rolling window: give --window, or more than {cfg.frames} frames")
     if window is not None and not (0 <= a.sink < window and fpb <= window - a.sink):
         T.die(f"--window {window} must exceed --sink {a.sink} by at least one block ({fpb} frames)")
     teacher = kind in ("base", "ar_teacher")
     guidance = a.guidance if a.guidance is not None else meta.get("guidance", rollout.TEACHER_GUIDANCE if teacher else 1.0)
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 1 <= guidance < math.inf:
+        where = "--guidance" if a.guidance is not None else "the checkpoint JSON's guidance"
+        T.die(f"{where} must be a finite number >= 1 (1 = no guidance), got {guidance!r}")
     if teacher:
         if a.timesteps:
             T.die("--timesteps is for distilled students; a teacher takes --steps on its grid")
@@ -252,13 +262,9 @@ def blocks(model, tokens, p, seed, device, first_frame=None, actions=None):
                               window=p["window"], sink=p["sink"], generator=g, context=context, actions=actions)
 
 
-def run(model, tokens, p, seed, device, on_block=None, first_frame=None, actions=None):
-    """Generate; returns the video [N, 3, T, H, W] in [-1, 1]. `on_block(i)` is called as blocks finish."""
-    out = []
-    for i, block in enumerate(blocks(model, tokens, p, seed, device, first_frame, actions)):
-        out.append(block)
-        on_block and on_block(i)
-    return torch.cat(out, dim=2)
+def run(model, tokens, p, seed, device, first_frame=None, actions=None):
+    """Generate; returns the video [N, 3, T, H, W] in [-1, 1]."""
+    return torch.cat(list(blocks(model, tokens, p, seed, device, first_frame, actions)), dim=2)
 
 
 def time_video(model, tokens, p, seed, device, first_frame=None, actions=None):
@@ -324,16 +330,22 @@ def write(a, model, tokens, p, device, first_frame, prompts, actions=None):
     if writer:
         writer.close()
     video = np.concatenate(parts, axis=1)
-    sheet = os.path.splitext(a.out)[0] + ".png"
+    sheet = a.out if a.out.lower().endswith(".png") else os.path.splitext(a.out)[0] + ".png"
     data.save_preview(video, sheet)
     print(f"wrote {a.out}" + (f" and {sheet}" if sheet != a.out else ""), file=sys.stderr)
     if a.save_npy:
         np.save(a.save_npy, video)
-        with open(a.save_npy + ".prompts.txt", "w") as f:
-            f.write("\n".join(prompts) + "\n")
-        if actions is not None:  # eval.py --npy reads it and reports action following
-            with open(a.save_npy + ".actions.txt", "w") as f:
-                f.write("\n".join(",".join(data.ACTIONS[i] for i in row) for row in actions.tolist()) + "\n")
+        # eval.py --npy reads these: Semantic scores need the prompts (the empty, unconditional prompt asks for
+        # nothing), action following the actions. A file left by an earlier run under the same name is removed.
+        sidecars = {".prompts.txt": prompts if all(prompts) else None,
+                    ".actions.txt": None if actions is None else
+                    [",".join(data.ACTIONS[i] for i in row) for row in actions.tolist()]}
+        for suffix, lines in sidecars.items():
+            if lines is not None:
+                with open(a.save_npy + suffix, "w") as f:
+                    f.write("\n".join(lines) + "\n")
+            elif os.path.exists(a.save_npy + suffix):
+                os.remove(a.save_npy + suffix)
         print(f"wrote {a.save_npy} {tuple(video.shape)}", file=sys.stderr)
 
 

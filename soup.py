@@ -35,12 +35,13 @@ def soup(stems):
             T.die(f"{stem} holds other tensors than {stems[0]}")
     tensors = {k: (sum(t[k].float() for t, _ in loaded) / len(loaded)).to(v.dtype) for k, v in first.items()}
     metas = [m for _, m in loaded]
-    differ = sorted({k for m in metas for k in m if k != "soup" and any(n.get(k) != m.get(k) for n in metas)})
+    own = ("soup", "pair")  # what each file says of itself, not of its run: never listed as a difference
+    differ = sorted({k for m in metas for k in m if k not in own and any(n.get(k) != m.get(k) for n in metas)})
     sources = [dict(stem=os.path.normpath(s), **{k: m.get(k) for k in differ}) for s, m in zip(stems, metas)]
     for source, m in zip(sources, metas):  # a source that is a soup keeps its own list: a soup of soups names every run
         if "soup" in m:
             source["soup"] = m["soup"]
-    return tensors, dict({k: v for k, v in meta.items() if k not in differ and k != "soup"}, soup=sources)
+    return tensors, dict({k: v for k, v in meta.items() if k not in differ and k not in own}, soup=sources)
 
 
 def main(argv=None):
@@ -51,10 +52,10 @@ def main(argv=None):
     a = p.parse_args(argv)
     if len(a.stems) < 2 or not a.out:
         T.die("usage: python soup.py --out=STEM CHECKPOINT CHECKPOINT [...] (two or more runs of one student)")
-    stems = [s[: -len(".safetensors")] if s.endswith(".safetensors") else s for s in a.stems]
+    stems, out = [T.checkpoint_stem(s) for s in a.stems], T.checkpoint_stem(a.out)
     tensors, meta = soup(stems)
-    T.save_checkpoint(a.out, tensors, meta)
-    print(f"wrote {a.out}.safetensors + .json: the mean of {len(stems)} checkpoints")
+    T.save_checkpoint(out, tensors, meta)
+    print(f"wrote {out}.safetensors + .json: the mean of {len(stems)} checkpoints")
 
 
 if __name__ == "__main__":

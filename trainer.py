@@ -14,12 +14,14 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm import tqdm
 
@@ -211,29 +213,44 @@ def atomic_write(path, write):
     os.replace(tmp, path)
 
 
+def checkpoint_stem(path):
+    """NAME, NAME.safetensors or NAME.json -> NAME: a checkpoint is the pair of files."""
+    for ext in (".safetensors", ".json"):
+        if path.endswith(ext):
+            return path[: -len(ext)]
+    return path
+
+
 def save_checkpoint(stem, tensors, meta):
-    """Atomically write STEM.safetensors and STEM.json (the JSON last: it marks the pair complete)."""
+    """Write STEM.safetensors, then STEM.json, each atomically. Both carry one fresh `pair` tag, so a save
+    killed between the two renames (new weights beside the old JSON) is caught on load, not trained on."""
+    stem = checkpoint_stem(stem)
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(stem + ".safetensors", lambda p: save_file(tensors, p))
+    meta = {**meta, "pair": uuid.uuid4().hex}
+    atomic_write(stem + ".safetensors", lambda p: save_file(tensors, p, metadata={"pair": meta["pair"]}))
     atomic_write(stem + ".json", lambda p: open(p, "w").write(json.dumps(meta, indent=1) + "\n"))
 
 
 def load_checkpoint(stem):
     """(tensors, meta); a missing or corrupt pair is reported in one line (exit 2)."""
-    stem = stem[: -len(".safetensors")] if stem.endswith(".safetensors") else stem
-    stem = stem[: -len(".json")] if stem.endswith(".json") else stem
+    stem = checkpoint_stem(stem)
     for ext in (".safetensors", ".json"):
         if not os.path.exists(stem + ext):
             die(f"checkpoint {stem + ext} not found")
     try:
         with open(stem + ".json") as f:
             meta = json.load(f)
-        tensors = load_file(stem + ".safetensors")
+        with safe_open(stem + ".safetensors", "pt") as f:
+            pair = (f.metadata() or {}).get("pair")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors and json raise several types on a damaged file
         die(f"checkpoint {stem} is corrupt or not ours ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-    if "config" not in meta or "kind" not in meta:
+    if not isinstance(meta, dict) or "config" not in meta or "kind" not in meta:
         die(f"checkpoint {stem}.json has no model config/kind: not a checkpoint of this project")
+    if pair and meta.get("pair") and pair != meta["pair"]:  # files from before the tag, or by hand, carry none
+        die(f"checkpoint {stem}: its .safetensors and .json come from different saves (a save was killed "
+            f"between the two); restore the pair or start the run afresh")
     return tensors, meta
 
 
@@ -263,6 +280,14 @@ def export(stem, module_or_state, meta, dtype=torch.float16):
 # the loop's bookkeeping
 
 
+def logged_step(line):
+    """The step of a log.jsonl line; inf for a blank or torn one (a run killed mid-append), so it is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, TypeError, KeyError):
+        return math.inf
+
+
 def has_checkpoint(out):
     return os.path.exists(os.path.join(out, "ckpt.json"))
 
@@ -289,7 +314,7 @@ class Run:
             os.makedirs(out, exist_ok=True)
             if os.path.exists(self.log_path):  # drop what a killed run logged after its last checkpoint
                 with open(self.log_path) as f:
-                    kept = [line for line in f if line.strip() and json.loads(line)["step"] <= self.start]
+                    kept = [line for line in f if logged_step(line) <= self.start]
                 atomic_write(self.log_path, lambda p: open(p, "w").writelines(kept))
         self.t0 = time.time()
         self.bar = tqdm(total=total_steps, initial=self.start, disable=rank != 0, dynamic_ncols=True)

@@ -161,8 +161,7 @@ def load_dit(source, device="cpu"):
             return M.from_pretrained(source, device=device).eval(), {"kind": "base"}
         except (OSError, KeyError, TypeError, ValueError) as e:  # no config.json / weights, or other shapes
             T.die(f"{source} is not a Wan DiT folder ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-    stem = source[: -len(".safetensors")] if source.endswith(".safetensors") else source
-    return T.load_model(stem, device)
+    return T.load_model(T.checkpoint_stem(source), device)
 
 
 def stream_video(dit, vae, context, noise, p, generator):
@@ -363,7 +362,7 @@ def convert(src, dst, ema, frames_per_block, steps, first_block_steps):
     meta = {"kind": "student", "config": asdict(cfg), "frames_per_block": frames_per_block,
             "steps_per_block": steps, "first_block_steps": first_block_steps or None,
             "source": f"{os.path.basename(src)}[{'generator_ema' if ema else 'generator'}]"}
-    stem = dst[: -len(".safetensors")] if dst.endswith(".safetensors") else dst
+    stem = T.checkpoint_stem(dst)
     T.save_checkpoint(stem, {"model." + k: v for k, v in state.items()}, meta)
     print(f"wrote {stem}.safetensors and {stem}.json ({len(state)} tensors, "
           f"{sum(v.numel() for v in state.values()):,} parameters)", file=sys.stderr)

@@ -212,6 +212,7 @@ def files(tmp_path, real):
     np.save(tmp_path / "float.npy", real[0][:3].astype(np.float32))
     np.save(tmp_path / "shape.npy", real[0][0])
     np.save(tmp_path / "pickle.npy", np.array([{"a": 1}], dtype=object))
+    np.save(tmp_path / "empty.npy", np.zeros((2, 4, 0, 0, 3), np.uint8))
     (tmp_path / "two.txt").write_text("red circle\nred square\n")
     (tmp_path / "purple.txt").write_text("red circle\npurple circle\nred square\n")
     (tmp_path / "acts.txt").write_text("none,up\nnone,up\nnone,up\n")
@@ -219,16 +220,21 @@ def files(tmp_path, real):
     return tmp_path
 
 
-@pytest.mark.parametrize("argv", [
-    ["--npy", "missing.npy"], ["--npy", "float.npy"], ["--npy", "shape.npy"], ["--npy", "pickle.npy"],
-    ["--npy", "good.npy", "--prompts", "two.txt"], ["--npy", "good.npy", "--prompts", "purple.txt"],
-    ["--npy", "good.npy", "--prompts", "missing.txt"], ["--npy", "good.npy", "--actions", "acts.txt"],
-    ["--npy", "good.npy", "--actions", "jump.txt"],
-    ["--npy", "good.npy", "--fd", "float.npy"]])
-def test_cli_bad_input(monkeypatch, capsys, files, argv):
+@pytest.mark.parametrize("argv,message", [
+    (["--npy", "missing.npy"], "cannot use missing.npy"), (["--npy", "float.npy"], "must be uint8"),
+    (["--npy", "shape.npy"], "must be uint8 [N, T, H, W, 3]"), (["--npy", "pickle.npy"], "cannot use pickle.npy"),
+    (["--npy", "empty.npy"], "at least 1x1 pixels"),
+    (["--npy", "good.npy", "--prompts", "two.txt"], "2 lines of prompts for 3 videos"),
+    (["--npy", "good.npy", "--prompts", "purple.txt"], "purple"),
+    (["--npy", "good.npy", "--prompts", "missing.txt"], "cannot read prompts file"),
+    (["--npy", "good.npy", "--actions", "acts.txt"], "actions"),
+    (["--npy", "good.npy", "--actions", "jump.txt"], "unknown action 'jump'"),
+    (["--npy", "good.npy", "--fd", "float.npy"], "must be uint8"),
+    ([], "--npy"), (["--npy", "good.npy", "--frobnicate"], "unrecognized arguments")])
+def test_cli_bad_input(monkeypatch, capsys, files, argv, message):
     monkeypatch.chdir(files)
     code, err = run_eval(monkeypatch, capsys, *argv)
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err, err
 
 
 def test_cli_bad_input_in_a_real_process(files):

@@ -122,9 +122,9 @@ def test_each_optimiser_moves_only_its_network_and_the_frozen_ones_stay(ckpts, t
 
 
 def test_resume_continues_the_same_trajectory(ckpts, tmp_path):
-    first_frame.main(args(ckpts, tmp_path / "full", "--steps=4", "--ckpt_every=2"))
-    first_frame.main(args(ckpts, tmp_path / "part", "--steps=2", "--ckpt_every=2"))  # "killed" after its checkpoint
-    first_frame.main(args(ckpts, tmp_path / "part", "--steps=4", "--ckpt_every=2"))  # resumed
+    first_frame.main(args(ckpts, tmp_path / "full", "--steps=4", "--ckpt_every=3"))  # between generator updates
+    first_frame.main(args(ckpts, tmp_path / "part", "--steps=3", "--ckpt_every=3"))  # "killed" after its checkpoint
+    first_frame.main(args(ckpts, tmp_path / "part", "--steps=4", "--ckpt_every=3"))  # resumed
     log = lambda run: [{k: v for k, v in json.loads(line).items() if k != "wall_s"}
                        for line in open(tmp_path / run / "log.jsonl")]
     assert log("part") == log("full") and len(log("full")) == 4 and "keep_loss" in log("full")[0]

@@ -59,6 +59,20 @@ def test_streams_video_sheet_and_npy(ck, tmp_path, monkeypatch):
     assert imageio.imread(tmp_path / "v.png").shape == (2 * 64 + 2, 6 * 64 + 5 * 2, 3)  # the contact sheet
 
 
+def test_the_empty_prompt_leaves_no_prompts_file_and_eval_scores_quality(ck, tmp_path, capsys):
+    """--prompt "" draws unconditional videos: eval.py must not read an empty or stale prompts file."""
+    npy = tmp_path / "u.npy"
+    (tmp_path / "u.npy.prompts.txt").write_text("red circle\n")  # left by an earlier run under the same name
+    sample.main(["--ckpt", ck["fw"], "--prompt=", f"--out={tmp_path / 'U.PNG'}", f"--save-npy={npy}"])
+    assert not (tmp_path / "u.npy.prompts.txt").exists()
+    assert f"wrote {tmp_path / 'U.PNG'}\n" in capsys.readouterr().err and (tmp_path / "U.PNG").exists()
+    r = subprocess.run([sys.executable, "eval.py", "--npy", str(npy), "--json"], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    scores = json.loads(r.stdout)
+    assert scores["total"] is None and 0 <= scores["quality"] <= 1
+
+
 def test_frame_0_gets_its_own_four_steps(ck, monkeypatch):
     lists = []
     real_denoise = rollout.denoise_block
@@ -235,7 +249,7 @@ def bad(ck):
     meta = json.load(open(ck["fw"] + ".json"))
     variants = dict(other={**meta, "config": {**meta["config"], "dim": 64}},  # weights of another config
                     foreign={"config": [1, 2], "kind": "student"}, nosteps={**meta, "steps_per_block": None},
-                    trainrun={**meta, "kind": "train_dmd"})
+                    trainrun={**meta, "kind": "train_dmd"}, wordy={**meta, "guidance": "high"})
     for name, m in variants.items():
         (d / f"{name}.safetensors").write_bytes(open(ck["fw"] + ".safetensors", "rb").read())
         (d / f"{name}.json").write_text(json.dumps(m))
@@ -282,6 +296,14 @@ CASES = [
     (["--timesteps=1000,0"], "strictly descending numbers in (0, 1000]"),
     (["--timesteps=1000,250", "--steps=2"], "give --steps or --timesteps, not both"),
     (["--timesteps=1000,250", "--ckpt={d}/base"], "--timesteps is for distilled students"),
+    (["--guidance=nan"], "--guidance must be a finite number >= 1"),
+    (["--guidance=inf"], "--guidance must be a finite number >= 1"),
+    (["--guidance=0"], "--guidance must be a finite number >= 1"),  # not silently 1
+    (["--ckpt={d}/wordy"], "the checkpoint JSON's guidance must be a finite number >= 1 (1 = no guidance), got 'high'"),
+    (["--seed=-1"], "--seed must lie in [0, 2^63)"),
+    (["--seed=99999999999999999999"], "--seed must lie in [0, 2^63)"),
+    (["--sink=1"], "--sink keeps frames of a rolling window"),
+    (["--ckpt={d}/base", "--window=6"], "--window and --sink are for causal checkpoints"),
 ]
 
 

@@ -28,7 +28,8 @@ def run(stem, seed, guidance, cfg=CFG, **meta):
 
 def test_the_soup_is_the_mean_of_the_runs_and_samples(tmp_path):
     a, b = run(tmp_path / "a", 0, 1.0), run(tmp_path / "b", 1, 0.0)
-    soup.main([f"--out={tmp_path / 'ab'}", a, b + ".safetensors"])
+    soup.main([f"--out={tmp_path / 'ab'}.safetensors", a, b + ".safetensors"])  # a stem, with or without suffix
+    assert sorted(os.listdir(tmp_path)) == sorted(f"{n}.{e}" for n in "a b ab".split() for e in ("json", "safetensors"))
     mixed, meta = T.load_checkpoint(str(tmp_path / "ab"))
     ta, _ = T.load_checkpoint(a)
     tb, _ = T.load_checkpoint(b)
@@ -37,7 +38,7 @@ def test_the_soup_is_the_mean_of_the_runs_and_samples(tmp_path):
         assert torch.allclose(v.float(), ((ta[k].float() + tb[k].float()) / 2).to(v.dtype).float())
     assert not torch.equal(mixed["model.head.head.weight"], ta["model.head.head.weight"])
     assert "real_guidance" not in meta and meta["kind"] == "student" and meta["init"] == "causal_cd_framewise"
-    assert [(s["stem"], s["real_guidance"]) for s in meta["soup"]] == [(a, 1.0), (b, 0.0)]
+    assert meta["soup"] == [dict(stem=a, real_guidance=1.0), dict(stem=b, real_guidance=0.0)]  # no file tags
     sample.main(["--ckpt", str(tmp_path / "ab.safetensors"), "--num-frames", str(CFG.frames),
                  "--out", str(tmp_path / "v.png")])
     assert os.path.exists(tmp_path / "v.png")

@@ -49,6 +49,39 @@ def test_kill_and_resume_continues_the_same_trajectory(tmp_path, monkeypatch):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path):
+    """A run killed in the middle of appending to log.jsonl leaves a partial line; resuming drops it."""
+    full = run(tmp_path, "full", "--steps=4", "--ckpt_every=2")
+    part = run(tmp_path, "part", "--steps=2", "--ckpt_every=2")
+    with open(part / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')
+    run(tmp_path, "part", "--steps=4", "--ckpt_every=2")
+    assert losses(part) == losses(full)
+
+
+def test_a_save_killed_between_its_two_files_is_caught_on_load(tmp_path, monkeypatch, capsys):
+    """Overwriting a pair: the weights are renamed into place first. Killed before the JSON follows, the
+    folder holds step 4's weights beside step 2's JSON; the resume must refuse it, not train on it."""
+    part = run(tmp_path, "part", "--steps=2", "--ckpt_every=2")
+    write = T.atomic_write
+
+    def killed_before_the_json(path, fn):
+        if path.endswith("ckpt.json"):
+            raise SystemExit("killed")
+        write(path, fn)
+
+    monkeypatch.setattr(T, "atomic_write", killed_before_the_json)
+    with pytest.raises(SystemExit):
+        run(tmp_path, "part", "--steps=4", "--ckpt_every=2")
+    monkeypatch.setattr(T, "atomic_write", write)
+    assert json.load(open(part / "ckpt.json"))["step"] == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        run(tmp_path, "part", "--steps=6", "--ckpt_every=2")
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "come from different saves" in err and err.count("\n") == 1
+
+
 def test_nan_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     real = teacher.loss_fn
     calls = {"n": 0}

@@ -165,6 +165,8 @@ def test_parse_actions():
     ("none,right*0,up*5", 6, "positive whole count"),
     ("none,right*x", 2, "positive whole count"),
     ("none,,up*4", 6, "unknown action ''"),
+    ("none*1000000000000", 12, "gives 1000000000000 actions for 12 frames"),  # counted, never built
+    ("none,right*\u00b2", 2, "positive whole count"),  # a superscript two is a digit to str.isdigit
 ])
 def test_bad_actions_exit_2_with_one_line(text, frames, message, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -270,6 +272,7 @@ def test_two_clients_do_not_share_a_cache(model_url):
 
 @pytest.mark.parametrize("path,body,status,message", [
     ("/step", b"{not json", 400, "not JSON"),
+    ("/step", b"[" * 2000 + b"]" * 2000, 400, "not JSON"),  # nested past the parser's recursion limit
     ("/step", b"[1, 2]", 400, "JSON object"),
     ("/step", b"", 400, "1 to 4096 bytes"),
     ("/step", b"{" + b" " * 5000 + b"}", 413, "1 to 4096 bytes"),
@@ -300,6 +303,7 @@ def test_play_refuses_checkpoints_it_cannot_play(tmp_path, capsys):
                           ([f"--ckpt={plain}"], "not an action world model"),
                           ([f"--ckpt={chunk}"], "not frame-wise"),
                           (["--fps=0"], "--fps must be positive"),
+                          (["--fps=inf"], "--fps must be positive and finite"),
                           (["--bench=-1"], "--bench must be positive")):
         with pytest.raises(SystemExit) as stop:
             play.main(argv)
