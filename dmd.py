@@ -277,7 +277,7 @@ def main(argv):
                 x = self_forcing(gen_ddp, b, sched, rows)
                 loss = generator_loss(x, b, cfg, real, critic, score_fpb, first)
             logged = dict(dmd_loss=run.check(loss, step),  # = mean g^2 / 2 (+ the frame-0 term's, weighted)
-                        gen_grad_norm=T.optimizer_step(opt_g, loss, cfg["lr"], cfg["grad_clip"]))
+                          gen_grad_norm=T.optimizer_step(opt_g, loss, cfg["lr"], cfg["grad_clip"]))
             n = step // cfg["critic_updates"]
             ema.update(gen, min(cfg["ema"], (1 + n) / (10 + n)))  # warm-up: early EMA tracks the weights
         b = batch(step, 1)  # the critic: flow matching on a fresh rollout of G, no grad through G

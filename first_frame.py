@@ -137,7 +137,7 @@ def main(argv):
                 keep = keep_loss(gen, frozen, cfg, step, block_steps)
             loss = first_loss + cfg["keep_weight"] * keep
             logged = dict(dmd_loss=run.check(first_loss, step), keep_loss=run.check(keep, step),
-                        gen_grad_norm=T.optimizer_step(opt_g, loss, cfg["lr"], cfg["grad_clip"]))
+                          gen_grad_norm=T.optimizer_step(opt_g, loss, cfg["lr"], cfg["grad_clip"]))
             n = step // cfg["critic_updates"]
             ema.update(gen, min(cfg["ema"], (1 + n) / (10 + n)))
         b = batch(step, 1)  # the critic: flow matching on fresh frame-0 rollouts of G
