@@ -69,7 +69,8 @@ def twins(cfg, seed=0):
     with torch.no_grad():  # diffusers zero-inits the output head: randomise all, so the diff check means something
         for p in ref.parameters():
             p.normal_(0, 0.05)
-    ours = M.build(replace(cfg, vocab_size=0)).eval()  # the toy's token embedding has no twin (and forward skips it)
+    # the toy's token embedding has no twin (and forward skips it); its x0 head is read as v, as Wan's is
+    ours = M.build(replace(cfg, vocab_size=0, prediction="v")).eval()
     M.load_wan_weights(ours, ref.state_dict())
     return ours, ref
 

@@ -154,8 +154,11 @@ class Trajectories:
         return os.path.join(self.folder, f"{i:05d}.safetensors")
 
     def _meta(self, i):
-        with safe_open(self.path(i), "pt") as f:
-            return f.metadata()
+        try:
+            with safe_open(self.path(i), "pt") as f:
+                return f.metadata() or {}
+        except Exception as e:  # safetensors raises its own error type on a damaged file
+            T.die(f"trajectory shard {self.path(i)} is damaged ({type(e).__name__}); delete it and it is made again")
 
     def missing(self):
         return [i for i in range(self.shards) if not os.path.exists(self.path(i))]
@@ -279,17 +282,17 @@ def main(argv):
     for key in ("frames_per_block", "steps", "batch_size", "clips", "ckpt_every", "log_every"):
         if cfg[key] <= 0:
             T.die(f"--{key} must be positive, got {cfg[key]}")
-    if not 0 <= cfg["ema"] < 1 or cfg["guidance"] < 0:
-        T.die("--ema must lie in [0, 1) and --guidance be >= 0")
+    if not 0 <= cfg["ema"] < 1:
+        T.die(f"--ema must lie in [0, 1), got {cfg['ema']}")
+    if not (cfg["guidance"] == 0 or 1 <= cfg["guidance"] < math.inf):  # below 1 would silently mean 1 (no guidance)
+        T.die(f"--guidance must be 0 (the paper's) or a finite number >= 1 (1 = no guidance), got {cfg['guidance']}")
     if cfg["data"] and cfg["method"] != "cd":
         T.die("--data is for --method=cd: the ODE methods store toy prompt ids with their trajectories")
     cfg["guidance"] = cfg["guidance"] or (3.0 if cfg["method"] == "cd" else 6.0)
     fpb, name = cfg["frames_per_block"], NAMES[cfg["method"]]
     out = cfg["out"] or os.path.join("runs", name + ("_fw" if fpb == 1 else f"_b{fpb}"))
 
-    rank, world, device = T.setup_distributed()
-    if cfg["device"]:
-        device = torch.device(cfg["device"])
+    rank, world, device = T.setup_distributed(cfg["device"])
     local = T.local_slice(cfg["batch_size"], rank, world)
     source, smeta, stem = load_source(cfg, device)
     mcfg, shift, frames = source.cfg, smeta.get("shift", source.cfg.shift), source.cfg.frames
@@ -304,7 +307,7 @@ def main(argv):
         out += "_world" if actions else "_latents" if latents else ""
     store = None
     if cfg["method"] != "cd":
-        settings = {k: cfg[k] for k in ("method", "frames_per_block", "guidance", "seed", "batch_size", "clips")}
+        settings = {k: cfg[k] for k in ("method", "frames_per_block", "guidance", "seed", "batch_size", "clips", "bf16")}
         store = Trajectories(os.path.join(out, "trajectories"), {**settings, "source": stem, "shift": shift})
         generate(store, source, cfg, shift, frames, rank, world, device)
         store.open()
@@ -323,7 +326,7 @@ def main(argv):
     if cfg["method"] == "cd":  # the EMA lives in the checkpoint; the target module is its working copy
         target = M.build(mcfg).to(device).requires_grad_(False).eval()
         if cfg["parallel"] == "fsdp":  # sharded like the student, so that the EMA's shards copy into it
-            target = T.wrap_fsdp(target, device)
+            target = T.wrap_fsdp(target)
         ema.copy_to(target)
     grid = M.timesteps(GRID, shift)
 

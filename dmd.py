@@ -15,9 +15,10 @@
 Three networks. The generator G (the student, from a stage-2 init) rolls out whole videos exactly as
 sample.py does (rollout.stream: block by block with the KV cache, a few consistency steps per block), so
 it learns on its own history: self forcing. Every block stops at one random exit step, and only that
-step's forward carries gradient. Then the video x is noised to one t and denoised by two bidirectional
-scores: the real score (the frozen base, guided) and the fake score (a critic that starts as a copy of
-the base and is trained by flow matching on G's rollouts). Their difference moves x towards what the
+step's forward carries gradient. Then the video x is noised to one t and denoised by two scores: the
+real score (the frozen bidirectional base, guided; or an AR teacher, which scores the video teacher-forced)
+and the fake score (a critic that starts as a copy of the real score and is trained by flow matching on G's
+rollouts). Their difference moves x towards what the
 base would draw: g = (x0_fake - x0_real) / mean|x - x0_real|, applied through the loss
 1/2 |x - sg(x - g)|^2, whose gradient with respect to x is g. The critic steps every iteration, the
 generator every `critic_updates`-th, so the fake score keeps up with G. The shipped weights are G's EMA.
@@ -234,9 +235,7 @@ def main(argv):
     for key in ("real_guidance", "first_guidance", "first_weight"):  # 0 is meaningful: no guidance, no term
         if cfg[key] < 0:
             T.die(f"--{key} must be >= 0, got {cfg[key]}")
-    rank, world, device = T.setup_distributed()
-    if cfg["device"]:
-        device = torch.device(cfg["device"])
+    rank, world, device = T.setup_distributed(cfg["device"])
     gen, real, critic, sched, score_fpb, first = networks(cfg, device)
     mcfg = gen.cfg
     latents = None

@@ -101,11 +101,9 @@ def main(argv):
     for key in ("guidance", "keep_weight"):
         if cfg[key] < 0:
             T.die(f"--{key} must be >= 0, got {cfg[key]}")
-    rank, world, device = T.setup_distributed()
+    rank, world, device = T.setup_distributed(cfg["device"])
     if world > 1:
         T.die("first_frame.py trains on one process (a toy-scale stage); run it without torchrun")
-    if cfg["device"]:
-        device = torch.device(cfg["device"])
     gen, frozen, real, critic, meta = networks(cfg, device)
     c = gen.cfg
     first = first_list(cfg, meta, c.shift)

@@ -108,11 +108,11 @@ def paired_latency(folder, seed, device, reps):
 
 def stage2_cost(stem):
     """The Stage-2 cost behind a student: its own (a stage-2 student) or its DMD init's."""
-    meta = json.load(open(stem + ".json"))
+    meta = read_json(stem + ".json")
     if "stage2_cost" in meta:
         return meta["stage2_cost"]
     init = os.path.join(os.path.dirname(stem), str(meta.get("init", "")) + ".json")
-    return json.load(open(init)).get("stage2_cost") if os.path.exists(init) else None
+    return read_json(init).get("stage2_cost") if os.path.exists(init) else None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -150,24 +150,40 @@ def plot_loss(steps, losses, path, w=480, h=200, pad=8):
 
 
 def training_runs(folder, assets):
-    """One line per shipped training log (NAME.log.jsonl beside NAME.json): steps, batch, wall-clock, the
-    last losses, and its loss curve as a PNG."""
+    """One line per shipped training log (NAME.log.jsonl beside NAME.json; NAME.first_frameK.log.jsonl for a
+    pass of stage 3b on it): steps, batch, wall-clock, the last losses, and the loss curve as a PNG. The loss
+    is the stage's own: flow matching or CD (`loss`), or the generator's DMD loss (`dmd_loss`) in stage 3."""
     rows = []
     for log in sorted(f for f in os.listdir(folder) if f.endswith(".log.jsonl")):
         name = log[: -len(".log.jsonl")]
-        entries = [json.loads(s) for s in open(os.path.join(folder, log)) if s.strip()]
-        points = [(e["step"], e["loss"]) for e in entries if "loss" in e]
+        try:
+            entries = [json.loads(s) for s in open(os.path.join(folder, log)) if s.strip()]
+        except ValueError as e:
+            T.die(f"cannot read the log {os.path.join(folder, log)} ({e})")
+        key = "loss" if any("loss" in e for e in entries) else "dmd_loss"
+        points = [(e["step"], e[key]) for e in entries if key in e]
         if len(points) < 2:
             continue
-        meta = json.load(open(os.path.join(folder, name + ".json"))) if os.path.exists(os.path.join(folder, name + ".json")) else {}
+        stem, stage3b = name.split(".")[0], "." in name
+        meta_path = os.path.join(folder, stem + ".json")
+        meta = read_json(meta_path) if os.path.exists(meta_path) else {}
         png = os.path.join(assets, f"loss_{name}.png")
         lo, hi = plot_loss(*zip(*points), png)
         tail = [v for _, v in points[-max(1, len(points) // 10):]]
         evals = [(e["step"], e.get("wall_s", 0) / 60, e["eval"]["total"]) for e in entries if "eval" in e]
-        rows.append(dict(name=name, kind=meta.get("kind", "?"), steps=points[-1][0], batch=meta.get("batch_size", "?"),
+        rows.append(dict(name=name, kind=meta.get("kind", "?") + (", stage 3b" if stage3b else ""), steps=points[-1][0],
+                         batch="—" if stage3b else meta.get("batch_size", "?"), key=key,
                          minutes=max(e.get("wall_s", 0) for e in entries) / 60, loss=sum(tail) / len(tail),
                          png=png, y_range=(lo, hi), evals=evals))
     return rows
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        T.die(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -196,7 +212,7 @@ def claims(main, ablation, after, folder, latency, reps, over):
                      None if latency is None else latency <= 0.5,
                      "—" if latency is None else f"ratio {latency:.3f}, the median of {reps} paired timings"))
     cost_json = os.path.join(folder, "stage2_cost.json")  # the frame-wise pair, measured one after the other
-    cost = json.load(open(cost_json)) if os.path.exists(cost_json) else {}
+    cost = read_json(cost_json) if os.path.exists(cost_json) else {}
     ratio = cost.get("teacher_forward_ratio")
     out.append(claim("Stage 2 by causal CD costs ≈ 4× fewer teacher forwards than causal ODE", None if ratio is None
                      else ratio >= 4, "—" if ratio is None else f"ODE ÷ CD = {ratio:.2f} in teacher forwards, "
@@ -241,7 +257,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if not os.path.isdir(a.checkpoints):
         T.die(f"--checkpoints {a.checkpoints} is not a folder")
-    device = torch.device(a.device)
+    device = T.usable_device(a.device)
     start = time.time()
     per_prompt = 1 if a.quick else 3
     prompts = [q for q in data.PROMPTS for _ in range(per_prompt)]
@@ -255,7 +271,7 @@ def main(argv=None):
 
     def run(name, flags=(), timed=False, seed=a.seed):  # only the main table shows timings
         stem = os.path.join(a.checkpoints, name)
-        kind = json.load(open(stem + ".json")).get("kind") if os.path.exists(stem + ".json") else None
+        kind = read_json(stem + ".json").get("kind") if os.path.exists(stem + ".json") else None
         got = measure(stem, (teacher_flags if kind in ("base", "ar_teacher") else []) + list(flags),
                       prompts, seed, device, reps if timed else 0)
         print(f"  {name} {' '.join(flags)} seed {seed}: " + ("not shipped" if got is None else
@@ -321,13 +337,13 @@ def main(argv=None):
         rel = lambda f: os.path.relpath(f, os.path.dirname(os.path.abspath(a.out)))
         md += [f"**{name}**", "", f"![{name}]({rel(sheet)}) ![{name} animated]({rel(gif)})", ""]
     md += ["## Training runs (the JSONL logs shipped beside the checkpoints)", "",
-           "| checkpoint | kind | steps | batch | wall-clock | final loss |", "|---|---|---|---|---|---|"]
-    md += [f"| {r['name']} | {r['kind']} | {r['steps']:,} | {r['batch']} | {r['minutes']:.0f} min | {r['loss']:.4f} |"
-           for r in runs]
+           "| checkpoint | kind | steps | batch | wall-clock | loss | final |", "|---|---|---|---|---|---|---|"]
+    md += [f"| {r['name']} | {r['kind']} | {r['steps']:,} | {r['batch']} | {r['minutes']:.0f} min | {r['key']} | "
+           f"{r['loss']:.4f} |" for r in runs]
     md.append("")
     for r in runs:
         md += [f"![loss of {r['name']}]({os.path.relpath(r['png'], os.path.dirname(os.path.abspath(a.out)))})", "",
-               f"*{r['name']}*: loss (log scale, {r['y_range'][0]:g} to {r['y_range'][1]:g}; grey: logged every "
+               f"*{r['name']}*: {r['key']} (log scale, {r['y_range'][0]:g} to {r['y_range'][1]:g}; grey: logged every "
                f"few steps, blue: moving average) against step 0 to {r['steps']:,}."
                + ("" if not r["evals"] else " Total while training: " + ", ".join(
                    f"{total:.3f} at step {step:,} ({minutes:.0f} min)" for step, minutes, total in r["evals"]) + "."), ""]

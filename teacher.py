@@ -127,9 +127,7 @@ def main(argv):
     out = cfg["out"] or os.path.join("runs", cfg["stage"] + suffix)
     ckpt = os.path.join(out, "ckpt")
 
-    rank, world, device = T.setup_distributed()
-    if cfg["device"]:
-        device = torch.device(cfg["device"])
+    rank, world, device = T.setup_distributed(cfg["device"])
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
     net = M.build(mcfg).to(device)
     init_from = cfg["init"] or ("checkpoints/base" if cfg["stage"] == "ar" else "")
@@ -149,6 +147,7 @@ def main(argv):
                 modules={"model": net}, emas={"model": ema}, optimizers={"model": opt}, rank=rank, world=world,
                 log_every=cfg["log_every"])
     local = T.local_slice(cfg["batch_size"], rank, world)
+    kind = "base" if cfg["stage"] == "base" else "ar_teacher"  # what the shipped checkpoint is
 
     net.train()
     for step in range(run.start, cfg["steps"]):
@@ -166,11 +165,9 @@ def main(argv):
         if rank == 0 and cfg["eval_every"] and ((step + 1) % cfg["eval_every"] == 0 or step + 1 == cfg["steps"]):
             judge = M.build(mcfg).to(device).eval()
             ema.copy_to(judge)
-            kind = "base" if cfg["stage"] == "base" else "ar_teacher"
             scores = E.score_model(judge, kind, cfg["frames_per_block"])
             run.record(step + 1, {k: round(v, 4) for k, v in scores.items()})
     run.close()
-    kind = "base" if cfg["stage"] == "base" else "ar_teacher"
     run.ship(cfg["export"], ema, mcfg, {"kind": kind, "frames_per_block": None if kind == "base" else cfg["frames_per_block"],
                                         "shift": cfg["shift"], "steps": cfg["steps"], "batch_size": cfg["batch_size"]})
     T.teardown_distributed()

@@ -63,13 +63,16 @@ def parse_overrides(defaults, argv):
 # distributed
 
 
-def setup_distributed():
-    """(rank, world_size, device). Under torchrun: one process per device, DDP over gloo or nccl."""
+def setup_distributed(device=""):
+    """(rank, world_size, device). Under torchrun: one process per device, DDP over gloo or nccl. `device`
+    (a stage's --device) overrides the choice, and exits 2 with one line where it cannot be used."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
+    if device:
+        return rank, world, usable_device(device)
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
@@ -101,17 +104,17 @@ def wrap_ddp(module, device):
     return module
 
 
-def wrap_fsdp(module, device):
+def wrap_fsdp(module):
     """FSDP2: every block, then the rest, is sharded across the ranks (parameters become DTensors; a forward
-    gathers one block at a time). Make the EMA and the optimizer after this, so they hold shards too. On GPU
-    the blocks compute in bf16 over fp32 shards and gradients are reduced in fp32."""
+    gathers one block at a time). Make the EMA and the optimizer after this, so they hold shards too.
+    Parameters, their gathers and the gradient reduction stay fp32; bf16 compute is --bf16's autocast, as under
+    DDP. A bf16 parameter policy would also cast the root's inputs, the timesteps among them (937.5 -> 936)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return module
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     for block in module.blocks:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(module, mp_policy=mp)
+        fully_shard(block)
+    fully_shard(module)
     register_fsdp_forward_method(module, "encode_text")  # the toy's text embedding is used outside forward
     return module
 
@@ -135,7 +138,7 @@ def parallelize(net, parallel, device, checkpointing=False):
     if checkpointing:
         checkpoint_blocks(net)
     if parallel == "fsdp":
-        net = wrap_fsdp(net, device)
+        net = wrap_fsdp(net)
         return net, net
     return net, wrap_ddp(net, device)
 
@@ -225,11 +228,14 @@ def save_checkpoint(stem, tensors, meta):
     """Write STEM.safetensors, then STEM.json, each atomically. Both carry one fresh `pair` tag, so a save
     killed between the two renames (new weights beside the old JSON) is caught on load, not trained on."""
     stem = checkpoint_stem(stem)
-    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {**meta, "pair": uuid.uuid4().hex}
-    atomic_write(stem + ".safetensors", lambda p: save_file(tensors, p, metadata={"pair": meta["pair"]}))
-    atomic_write(stem + ".json", lambda p: open(p, "w").write(json.dumps(meta, indent=1) + "\n"))
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+        atomic_write(stem + ".safetensors", lambda p: save_file(tensors, p, metadata={"pair": meta["pair"]}))
+        atomic_write(stem + ".json", lambda p: open(p, "w").write(json.dumps(meta, indent=1) + "\n"))
+    except OSError as e:  # a read-only or full disk: one line, not a traceback
+        die(f"cannot write checkpoint {stem} ({e})")
 
 
 def load_checkpoint(stem):

@@ -159,7 +159,7 @@ def load_dit(source, device="cpu"):
     if os.path.isdir(source):
         try:
             return M.from_pretrained(source, device=device).eval(), {"kind": "base"}
-        except (OSError, KeyError, TypeError, ValueError) as e:  # no config.json / weights, or other shapes
+        except Exception as e:  # no config.json or weights, other shapes, a damaged file (several error types)
             T.die(f"{source} is not a Wan DiT folder ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
     return T.load_model(T.checkpoint_stem(source), device)
 
@@ -359,6 +359,8 @@ def read_release(src, ema):
 def convert(src, dst, ema, frames_per_block, steps, first_block_steps):
     """A released generator .pt -> dst (.safetensors) + its JSON, the sampler settings in the JSON."""
     state, cfg = read_release(src, ema)
+    if cfg.frames % frames_per_block:
+        T.die(f"--frames-per-block {frames_per_block} does not divide the model's {cfg.frames} latent frames")
     meta = {"kind": "student", "config": asdict(cfg), "frames_per_block": frames_per_block,
             "steps_per_block": steps, "first_block_steps": first_block_steps or None,
             "source": f"{os.path.basename(src)}[{'generator_ema' if ema else 'generator'}]"}

@@ -256,11 +256,24 @@ def test_bad_input_exits_2_with_one_line(ckpts, tmp_path, capsys):
     for args, words in ((["--method=dmd"], "--method"), (["--steps=0"], "--steps"),
                         ([f"--teacher={tmp_path}/nope"], "teacher.py --stage=ar"),
                         ([f"--teacher={ckpts}/ar3"], "frame(s) per block"),
-                        ([f"--teacher={ckpts}/base"], "'base' checkpoint")):
+                        ([f"--teacher={ckpts}/base"], "'base' checkpoint"),
+                        (["--guidance=0.5"], "--guidance must be 0 (the paper's) or a finite number >= 1"),
+                        (["--guidance=nan"], "--guidance must be 0"),
+                        (["--device=nope"], "--device nope is not usable here")):
         with pytest.raises(SystemExit) as stop:
             C.main(TINY + [f"--out={tmp_path}/x", *args])
         err = capsys.readouterr().err
         assert stop.value.code == 2 and err.startswith("error: ") and words in err and err.count("\n") == 1, (args, err)
+
+
+def test_a_damaged_trajectory_shard_is_one_line(ckpts, tmp_path, capsys):
+    shard = tmp_path / "x" / "trajectories" / "00000.safetensors"
+    shard.parent.mkdir(parents=True)
+    shard.write_bytes(b"not a safetensors file")
+    with pytest.raises(SystemExit) as stop:
+        C.main(TINY + ["--method=ode", f"--teacher={ckpts}/ar1", f"--out={tmp_path}/x"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "00000.safetensors is damaged" in err and err.count("\n") == 1, err
 
 
 @pytest.mark.slow

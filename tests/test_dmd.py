@@ -432,6 +432,7 @@ def test_an_explicit_timestep_list_is_trained_and_shipped(ckpts, tmp_path, monke
     (["--lr=fast"], "--lr expects a float"),
     (["--real_guidance=-1"], "--real_guidance must be >= 0"),
     (["--first_weight=-0.5"], "--first_weight must be >= 0"),
+    (["--device=nope"], "--device nope is not usable here"),
 ])
 def test_bad_options_exit_2_with_one_line(ckpts, tmp_path, capsys, extra, message):
     extra = [e.format(**ckpts) for e in extra]

@@ -28,17 +28,22 @@ def shipped(tmp_path_factory):
     ck("causal_cd_framewise", 1, **STUDENT, init="cd", stage2_cost=cost(6400, 0))
     ck("causal_ode_framewise", 2, **STUDENT, init="ode", stage2_cost=cost(24576, 3 * 2**20))
     ck("bidir_ode_framewise", 3, **STUDENT, init="bidir_ode", stage2_cost=cost(24576, 3 * 2**20))
-    ck("cfpp_framewise_2step", 4, **STUDENT, init="causal_cd_framewise")
+    ck("cfpp_framewise_2step", 4, **STUDENT, init="causal_cd_framewise", batch_size=8)
     ck("cfpp_framewise_1step", 5, **dict(STUDENT, steps_per_block=1), init="causal_cd_framewise")
     ck("ode_framewise_2step", 6, **STUDENT, init="causal_ode_framewise")
     ck("cf_chunkwise_4step", 7, **CHUNK, init="causal_ode_chunkwise")
     ck("sf_chunkwise_4step", 8, **CHUNK, init="bidir_ode_chunkwise")
     causal_cd.record_cost(str(tmp / "stage2_cost.json"), "causal_cd", cost(6400, 0))
     causal_cd.record_cost(str(tmp / "stage2_cost.json"), "causal_ode", cost(24576, 3 * 2**20))
-    with open(tmp / "cfpp_framewise_2step.log.jsonl", "w") as f:
+    with open(tmp / "ar_teacher_framewise.log.jsonl", "w") as f:  # a teacher's log: flow-matching loss, evals
         for step in range(10, 210, 10):
             f.write(json.dumps({"step": step, "wall_s": step * 0.6, "loss": 1 / step}) + "\n")
         f.write(json.dumps({"step": 200, "wall_s": 130.0, "eval": {"total": 0.61}}) + "\n")
+    for log in ("cfpp_framewise_2step", "cfpp_framewise_2step.first_frame2"):  # DMD's fields, G every 2nd step
+        with open(tmp / f"{log}.log.jsonl", "w") as f:
+            for step in range(1, 41):
+                g = {"dmd_loss": 1 / step, "gen_grad_norm": 0.3} if step % 2 else {}
+                f.write(json.dumps({"step": step, "wall_s": step * 1.0, "critic_loss": 0.05, **g}) + "\n")
     return tmp
 
 
@@ -74,9 +79,14 @@ def test_report_rows_claims_pictures_and_the_kept_reading(shipped, tmp_path):
     assets = tmp_path / "results"
     assert imageio.imread(assets / "cfpp_framewise_2step.png").shape == (6 * 64 + 5 * 2, 6 * 64 + 5 * 2, 3)
     assert len(imageio.mimread(assets / "cfpp_framewise_2step.gif")) == 6
-    curve = imageio.imread(assets / "loss_cfpp_framewise_2step.png")
+    curve = imageio.imread(assets / "loss_ar_teacher_framewise.png")
     assert (curve[..., 2] > 150).any() and (curve[..., 0] < 60).any()  # the blue moving average is drawn
     assert "0.610 at step 200 (2 min)" in text
+    # stage 3 logs carry the generator's DMD loss on its own steps, and stage 3b's passes have their own rows
+    runs = text.split("## Training runs")[1]
+    assert row(runs, "cfpp_framewise_2step")[1:6] == ["student", "39", "8", "1 min", "dmd_loss"]
+    assert row(runs, "cfpp_framewise_2step.first_frame2")[1:6] == ["student, stage 3b", "39", "—", "1 min", "dmd_loss"]
+    assert (assets / "loss_cfpp_framewise_2step.first_frame2.png").exists()
 
     # rewrite without two checkpoints: their rows say how to train them, the claims they decide are open,
     # and the reading written by hand below the mark is kept
@@ -98,6 +108,17 @@ def test_bad_checkpoint_folder_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         report.main([f"--checkpoints={tmp_path / 'nowhere'}"])
     assert e.value.code == 2 and "not a folder" in capsys.readouterr().err
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "ar_teacher_framewise.json").write_text("{not json")
+    with pytest.raises(SystemExit) as e:
+        report.main(["--quick", f"--checkpoints={tmp_path / 'damaged'}", f"--out={tmp_path / 'R.md'}"])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after the progress line: one line of error, no traceback
+    assert e.value.code == 2 and last.startswith("error: cannot read") and "ar_teacher_framewise.json" in last, err
+    assert "Traceback" not in err
+    with pytest.raises(SystemExit) as e:
+        report.main(["--device=nope", f"--checkpoints={tmp_path}"])
+    assert e.value.code == 2 and "--device nope is not usable here" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -111,6 +132,7 @@ def test_quick_report_on_the_shipped_checkpoints(tmp_path):
         shipped = os.path.exists(os.path.join(root, "checkpoints", name + ".json"))
         assert (f"| {label} | not shipped" in text) != shipped
     assert "## Training runs" in text and (tmp_path / "results" / "loss_base.png").exists()
+    assert row(text.split("## Training runs")[1], "cfpp_framewise_2step")[5] == "dmd_loss"  # the DMD logs too
 
 
 def test_the_init_ablation_cells_are_means_over_noise_seeds(shipped):

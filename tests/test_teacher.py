@@ -102,7 +102,8 @@ def test_nan_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, m
 
 
 def test_bad_options_exit_2_with_one_line(tmp_path):
-    for args in (["--stage=middle"], ["--nope=1"], ["--steps=abc"], ["--stage=ar", "--frames_per_block=4"]):
+    for args in (["--stage=middle"], ["--nope=1"], ["--steps=abc"], ["--stage=ar", "--frames_per_block=4"],
+                 ["--device=nope"]):
         r = subprocess.run([sys.executable, "teacher.py", "--model=toy-tiny", f"--out={tmp_path}/x", *args],
                            cwd=ROOT, capture_output=True, text=True)
         assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.startswith("error: "), (args, r.stderr)

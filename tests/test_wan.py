@@ -151,6 +151,24 @@ def test_convert_refuses_a_pickle_that_runs_code(tmp_path, capsys):
     assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
 
 
+def test_damaged_or_misfit_inputs_are_one_line(tmp_path, capsys):
+    """A Wan folder with damaged weights, a block size that does not divide the 21 latent frames, a place
+    that cannot be written: each exits 2 with one line."""
+    folder = tmp_path / "wan"
+    wan_base(folder, 0)
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 64)
+    torch.save({"generator_ema": tiny_release(0)}, tmp_path / "r.pt")
+    for call, message in ((lambda: wan.load_dit(str(folder)), "is not a Wan DiT folder"),
+                          (lambda: wan.main(["convert", str(tmp_path / "r.pt"), str(tmp_path / "o.safetensors"), "--ema",
+                                             "--frames-per-block=4"]), "does not divide the model's 21 latent frames"),
+                          (lambda: wan.main(["convert", str(tmp_path / "r.pt"), str(tmp_path / "r.pt" / "o"), "--ema"]),
+                           "cannot write checkpoint")):
+        with pytest.raises(SystemExit) as stop:
+            call()
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and message in err and err.count("\n") == 1, err
+
+
 def test_a_13b_shaped_release_reads_as_the_13b_preset(tmp_path):
     """A release file of the real 1.3B shapes, on the meta device (no memory): the loader infers the preset."""
     sd = M.build("wan2.1-1.3b", device="meta").state_dict()
