@@ -180,3 +180,34 @@ def test_train_shift_moves_the_training_timesteps_and_not_the_sampler(tmp_path):
     out = run(tmp_path, "ts", "--steps=1", "--train_shift=1", "--export=" + str(tmp_path / "ship"))
     assert json.load(open(str(tmp_path / "ship") + ".json"))["config"]["shift"] == M.get_config("toy-tiny").shift
     assert out.exists()
+
+
+def test_timesteps_are_one_per_clip_in_stage_0_and_one_per_block_in_stage_1():
+    cfg = dict(teacher.DEFAULTS, batch_size=64, shift=5.0, train_shift=5.0, actions=False)
+    t = teacher.make_batch(dict(cfg, stage="base"), 0, 6)[3]
+    assert t.shape == (64, 6) and (t == t[:, :1]).all()  # the whole clip at one t
+    t = teacher.make_batch(dict(cfg, stage="ar", frames_per_block=3), 0, 6)[3]
+    assert (t[:, :3] == t[:, :1]).all() and (t[:, 3:] == t[:, 3:4]).all()  # one t within a block
+    assert (t[:, 0] != t[:, 3]).float().mean() > 0.9  # and independent between blocks
+    grid = set(M.timesteps(1000, 5.0).tolist())
+    assert set(t.flatten().tolist()) <= grid  # drawn on the shifted 1000-step grid
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "bell"])
+def test_the_loss_is_the_v_error_weighted_per_frame_by_its_t(weighting):
+    """loss = mean over clips and frames of w(t_f) * mean over pixels |v - (noise - x0)|^2, w = 1 or the bell."""
+    cfg = dict(teacher.DEFAULTS, stage="ar", frames_per_block=1, shift=5.0, weighting=weighting)
+    torch.manual_seed(0)
+    net = M.build("toy-tiny")
+    torch.nn.init.normal_(net.head.head.weight, std=0.3)
+    x0, noise = torch.randn(2, 3, 6, 32, 32), torch.randn(2, 3, 6, 32, 32)
+    t = torch.tensor([[1000.0, 937.5, 833.3, 625.0, 250.0, 100.0]] * 2)
+    tokens = torch.tensor([[1, 7], [2, 8]])
+    got = teacher.loss_fn(net, cfg, x0, tokens, noise, t)
+    with torch.no_grad():
+        v = net(M.add_noise(x0, noise, t), t, net.encode_text(tokens), frames_per_block=1, clean_x=x0)
+    per_frame = ((v - (noise - x0)) ** 2).mean(dim=(1, 3, 4))
+    w = M.loss_weight(t, 5.0) if weighting == "bell" else torch.ones_like(t)
+    assert torch.allclose(got, (per_frame * w).mean(), rtol=1e-5)
+    if weighting == "bell":
+        assert w[0, 0] == 0 and w[0, 3] > 1  # nothing at pure noise, most in the middle
