@@ -145,20 +145,14 @@ class Trajectories:
         self.per_shard = settings["batch_size"]
         self.shards = math.ceil(settings["clips"] / self.per_shard)
         self.t = M.timesteps(GRID, settings["shift"])[list(SNAPSHOTS)]
+        made = json.dumps(settings, sort_keys=True)
         for i in range(self.shards):
-            if os.path.exists(self.path(i)) and self._meta(i)["settings"] != json.dumps(settings, sort_keys=True):
+            if os.path.exists(self.path(i)) and T.shard_metadata(self.path(i)).get("settings") != made:
                 T.die(f"{folder} holds trajectories made with other settings than {settings}; "
                       "delete it or pass another --out")
 
     def path(self, i):
         return os.path.join(self.folder, f"{i:05d}.safetensors")
-
-    def _meta(self, i):
-        try:
-            with safe_open(self.path(i), "pt") as f:
-                return f.metadata() or {}
-        except Exception as e:  # safetensors raises its own error type on a damaged file
-            T.die(f"trajectory shard {self.path(i)} is damaged ({type(e).__name__}); delete it and it is made again")
 
     def missing(self):
         return [i for i in range(self.shards) if not os.path.exists(self.path(i))]
@@ -183,7 +177,7 @@ class Trajectories:
         return sum(os.path.getsize(self.path(i)) for i in range(self.shards))
 
     def seconds(self):
-        return sum(float(self._meta(i)["seconds"]) for i in range(self.shards))
+        return sum(float(T.shard_metadata(self.path(i))["seconds"]) for i in range(self.shards))
 
 
 def generate(store, teacher, cfg, shift, frames, rank, world, device):
@@ -307,7 +301,8 @@ def main(argv):
         out += "_world" if actions else "_latents" if latents else ""
     store = None
     if cfg["method"] != "cd":
-        settings = {k: cfg[k] for k in ("method", "frames_per_block", "guidance", "seed", "batch_size", "clips", "bf16")}
+        settings = {k: cfg[k] for k in ("method", "frames_per_block", "guidance", "seed", "batch_size", "clips",
+                                        "bf16")}  # bf16: shards drawn in it and in fp32 must not mix
         store = Trajectories(os.path.join(out, "trajectories"), {**settings, "source": stem, "shift": shift})
         generate(store, source, cfg, shift, frames, rank, world, device)
         store.open()

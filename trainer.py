@@ -216,6 +216,16 @@ def atomic_write(path, write):
     os.replace(tmp, path)
 
 
+def shard_metadata(path):
+    """The metadata of a safetensors shard that a resumable job wrote (ODE trajectories, Wan latents); a
+    damaged shard exits 2 with one line."""
+    try:
+        with safe_open(path, "pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types on a damaged file
+        die(f"{path} is a damaged shard ({type(e).__name__}); delete it and it is made again")
+
+
 def checkpoint_stem(path):
     """NAME, NAME.safetensors or NAME.json -> NAME: a checkpoint is the pair of files."""
     for ext in (".safetensors", ".json"):

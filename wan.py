@@ -298,11 +298,7 @@ def encode(wan_dir, videos, out, frames, height, width, shard_size, device):
         if not os.path.exists(path(i)):
             todo.append(i)
             continue
-        try:
-            with safe_open(path(i), "pt") as f:
-                meta = f.metadata() or {}
-        except Exception as e:  # safetensors raises several types on a damaged file
-            T.die(f"{path(i)} is not a safetensors shard ({type(e).__name__}); delete it to encode it again")
+        meta = T.shard_metadata(path(i))
         if (meta.get("clips"), meta.get("sizes")) != (json.dumps(names), sizes):
             T.die(f"{path(i)} holds other clips or sizes than this run would write there; delete {out} or pass "
                   "another --out (the same --videos, sizes and --shard-size resume)")

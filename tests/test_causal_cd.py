@@ -273,7 +273,7 @@ def test_a_damaged_trajectory_shard_is_one_line(ckpts, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         C.main(TINY + ["--method=ode", f"--teacher={ckpts}/ar1", f"--out={tmp_path}/x"])
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and "00000.safetensors is damaged" in err and err.count("\n") == 1, err
+    assert stop.value.code == 2 and "00000.safetensors is a damaged shard" in err and err.count("\n") == 1, err
 
 
 @pytest.mark.slow
