@@ -71,13 +71,11 @@ def setup_distributed(device=""):
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
-    if device:
-        return rank, world, usable_device(device)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # first, so that an override "cuda" means this rank's GPU
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
+        return rank, world, usable_device(device) if device else torch.device("cuda", local)
+    return rank, world, usable_device(device or "cpu")
 
 
 def teardown_distributed():
