@@ -122,8 +122,9 @@ def test_every_stage_defaults_to_autocast_only_where_bf16_is_native():
     # an AVX2-only CPU emulates bf16: autocast there made a toy teacher step ~9x slower than fp32
     import causal_cd
     import dmd
-    assert {m.__name__: m.DEFAULTS["bf16"] for m in (teacher, causal_cd, dmd)} == dict.fromkeys(
-        ("teacher", "causal_cd", "dmd"), T.bf16_is_native())
+    import first_frame
+    stages = (teacher, causal_cd, dmd, first_frame)
+    assert {m.__name__: m.DEFAULTS["bf16"] for m in stages} == {m.__name__: T.bf16_is_native() for m in stages}
 
 
 @pytest.mark.slow
