@@ -376,7 +376,9 @@ def test_torchrun_two_processes_take_the_same_steps_as_one(ckpts, tmp_path):
     log = lambda run: [json.loads(line) for line in open(tmp_path / run / "log.jsonl")]
     for x, y in zip(log("one"), log("two")):
         assert x["critic_loss"] == pytest.approx(y["critic_loss"], rel=1e-5, abs=1e-6)  # the log keeps 6 decimals
-        assert x.keys() == y.keys() and x.get("dmd_loss") == pytest.approx(y.get("dmd_loss"), rel=1e-4, abs=1e-6)
+        assert x.keys() == y.keys()  # the generator's fields on its own steps only, in both
+        if "dmd_loss" in x:
+            assert x["dmd_loss"] == pytest.approx(y["dmd_loss"], rel=1e-4, abs=1e-6)
 
 
 def test_students_export_and_stream(ckpts, tmp_path):
