@@ -62,16 +62,22 @@ DEFAULTS = dict(
 
 def networks(cfg, device):
     """-> G, the frozen init (what the keep term holds), the frozen real score, its trainable critic, G's JSON."""
-    gen, meta = dmd.load(cfg["init"], ("student",), device)
-    if meta.get("frames_per_block") != 1 or not meta.get("first_block_steps"):
-        T.die(f"--init {cfg['init']} must be a frame-wise student whose frame 0 has its own step list "
-              "(frames_per_block 1, first_block_steps set)")
+    gen, meta = framewise_student(cfg["init"], device)
     real = dmd.load(cfg["real"], ("ar_teacher",), device)[0]
     geometry = lambda m: (m.in_dim, m.frames, m.height, m.width, m.patch_size, m.num_actions > 0)
     if geometry(real.cfg) != geometry(gen.cfg):
         T.die(f"--real {cfg['real']} draws other frames than --init {cfg['init']} (size, channels or actions)")
     critic = copy.deepcopy(real)  # trainable; the real score itself is frozen below
     return gen, copy.deepcopy(gen).requires_grad_(False), real.requires_grad_(False), critic, meta
+
+
+def framewise_student(stem, device):
+    """(G, its JSON) for a stage that starts from a frame-wise student whose frame 0 has its own step list."""
+    gen, meta = dmd.load(stem, ("student",), device)
+    if meta.get("frames_per_block") != 1 or not meta.get("first_block_steps"):
+        T.die(f"--init {stem} must be a frame-wise student whose frame 0 has its own step list "
+              "(frames_per_block 1, first_block_steps set)")
+    return gen, meta
 
 
 def keep_loss(gen, frozen, cfg, step, block_steps):
