@@ -151,8 +151,9 @@ def plot_loss(steps, losses, path, w=480, h=200, pad=8):
 
 def training_runs(folder, assets):
     """One line per shipped training log (NAME.log.jsonl beside NAME.json; NAME.first_frameK.log.jsonl for a
-    pass of stage 3b on it): steps, batch, wall-clock, the last losses, and the loss curve as a PNG. The loss
-    is the stage's own: flow matching or CD (`loss`), or the generator's DMD loss (`dmd_loss`) in stage 3."""
+    pass of stage 3b on it, NAME.next_frame.log.jsonl for stage 3c): steps, batch, wall-clock, the last losses,
+    and the loss curve as a PNG. The loss is the stage's own: flow matching or CD (`loss`), the generator's DMD
+    loss (`dmd_loss`) in stages 3 and 3b, the regression on real clips (`regression_loss`) in stage 3c."""
     rows = []
     for log in sorted(f for f in os.listdir(folder) if f.endswith(".log.jsonl")):
         name = log[: -len(".log.jsonl")]
@@ -160,19 +161,20 @@ def training_runs(folder, assets):
             entries = [json.loads(s) for s in open(os.path.join(folder, log)) if s.strip()]
         except ValueError as e:
             T.die(f"cannot read the log {os.path.join(folder, log)} ({e})")
-        key = "loss" if any("loss" in e for e in entries) else "dmd_loss"
+        key = next((k for k in ("loss", "regression_loss") if any(k in e for e in entries)), "dmd_loss")
         points = [(e["step"], e[key]) for e in entries if key in e]
         if len(points) < 2:
             continue
-        stem, stage3b = name.split(".")[0], "." in name
+        stem, _, later = name.partition(".")  # later: a stage run on the shipped student, first_frameK or next_frame
         meta_path = os.path.join(folder, stem + ".json")
         meta = read_json(meta_path) if os.path.exists(meta_path) else {}
         png = os.path.join(assets, f"loss_{name}.png")
         lo, hi = plot_loss(*zip(*points), png)
         tail = [v for _, v in points[-max(1, len(points) // 10):]]
         evals = [(e["step"], e.get("wall_s", 0) / 60, e["eval"]["total"]) for e in entries if "eval" in e]
-        rows.append(dict(name=name, kind=meta.get("kind", "?") + (", stage 3b" if stage3b else ""), steps=points[-1][0],
-                         batch="—" if stage3b else meta.get("batch_size", "?"), key=key,
+        stage = ", stage 3c" if later == "next_frame" else ", stage 3b" if later else ""
+        rows.append(dict(name=name, kind=meta.get("kind", "?") + stage, steps=points[-1][0],
+                         batch="—" if later else meta.get("batch_size", "?"), key=key,
                          minutes=max(e.get("wall_s", 0) for e in entries) / 60, loss=sum(tail) / len(tail),
                          png=png, y_range=(lo, hi), evals=evals))
     return rows

@@ -44,6 +44,10 @@ def shipped(tmp_path_factory):
             for step in range(1, 41):
                 g = {"dmd_loss": 1 / step, "gen_grad_norm": 0.3} if step % 2 else {}
                 f.write(json.dumps({"step": step, "wall_s": step * 1.0, "critic_loss": 0.05, **g}) + "\n")
+    with open(tmp / "cfpp_framewise_2step.next_frame.log.jsonl", "w") as f:  # stage 3c's fields
+        for step in range(25, 1025, 25):
+            f.write(json.dumps({"step": step, "wall_s": step * 1.5, "regression_loss": 1 / step, "keep_loss": 0.001,
+                                "grad_norm": 1.0}) + "\n")
     return tmp
 
 
@@ -87,6 +91,8 @@ def test_report_rows_claims_pictures_and_the_kept_reading(shipped, tmp_path):
     assert row(runs, "cfpp_framewise_2step")[1:6] == ["student", "39", "8", "1 min", "dmd_loss"]
     assert row(runs, "cfpp_framewise_2step.first_frame2")[1:6] == ["student, stage 3b", "39", "—", "1 min", "dmd_loss"]
     assert (assets / "loss_cfpp_framewise_2step.first_frame2.png").exists()
+    assert row(runs, "cfpp_framewise_2step.next_frame")[1:6] == ["student, stage 3c", "1,000", "—", "25 min",
+                                                                 "regression_loss"]
 
     # rewrite without two checkpoints: their rows say how to train them, the claims they decide are open,
     # and the reading written by hand below the mark is kept
