@@ -112,7 +112,7 @@ def main(argv):
         T.die("first_frame.py trains on one process (a toy-scale stage); run it without torchrun")
     gen, frozen, real, critic, meta = networks(cfg, device)
     c = gen.cfg
-    first = first_list(cfg, meta, c.shift)
+    first = first_list(cfg["first_timesteps"], meta, c.shift)
     block_steps = meta.get("timesteps") or M.timesteps(meta["steps_per_block"], c.shift).tolist()
     sched = dict(frames_per_block=1, steps=first, first=first)  # a one-frame rollout: frame 0 on its list
     name = os.path.basename(cfg["export"]) or os.path.basename(cfg["init"])
@@ -176,14 +176,14 @@ def main(argv):
     run.ship(cfg["export"], ema, c, shipped, log_name=f"{name}.first_frame{n if n > 1 else ''}.log.jsonl")
 
 
-def first_list(cfg, meta, shift):
-    """Frame 0's step list: --first_timesteps, else the init's own list, else the warped first_block_steps."""
-    if not cfg["first_timesteps"]:
+def first_list(given, meta, shift):
+    """Frame 0's step list: `given` (--first_timesteps), else the init's own list, else the warped first_block_steps."""
+    if not given:
         return meta.get("first_timesteps") or M.timesteps(meta["first_block_steps"], shift).tolist()
     try:
-        return M.timestep_list(cfg["first_timesteps"])
+        return M.timestep_list(given)
     except ValueError as e:
-        T.die(f"--first_timesteps {e}, got {cfg['first_timesteps']!r}")
+        T.die(f"--first_timesteps {e}, got {given!r}")
 
 
 def passes(record):
