@@ -113,7 +113,7 @@ def main(argv):
     gen, frozen, real, critic, meta = networks(cfg, device)
     c = gen.cfg
     first = first_list(cfg["first_timesteps"], meta, c.shift)
-    block_steps = meta.get("timesteps") or M.timesteps(meta["steps_per_block"], c.shift).tolist()
+    block_steps = block_list(meta, c.shift)
     sched = dict(frames_per_block=1, steps=first, first=first)  # a one-frame rollout: frame 0 on its list
     name = os.path.basename(cfg["export"]) or os.path.basename(cfg["init"])
     out = cfg["out"] or os.path.join("runs", "first_frame_" + name)
@@ -174,6 +174,11 @@ def main(argv):
         shipped.update(first_block_steps=len(first), first_timesteps=first)
     n = passes(stage)
     run.ship(cfg["export"], ema, c, shipped, log_name=f"{name}.first_frame{n if n > 1 else ''}.log.jsonl")
+
+
+def block_list(meta, shift):
+    """The student's block list: the JSON's explicit timesteps, else the warped steps_per_block list."""
+    return meta.get("timesteps") or M.timesteps(meta["steps_per_block"], shift).tolist()
 
 
 def first_list(given, meta, shift):

@@ -70,19 +70,21 @@ def losses(gen, frozen, cfg, step, block_steps, first_steps):
     actions = None if actions is None else actions.to(device)
     x_t = M.add_noise(clips, noise, t)
     forced = dict(frames_per_block=1, clean_x=clips, actions=actions)
-    x0 = M.x0_from_v(x_t, gen(x_t, t, gen.encode_text(tokens), **forced), t)
+    ctx = gen.encode_text(tokens)
+    with torch.no_grad():
+        frozen_ctx = frozen.encode_text(tokens)
+    x0 = M.x0_from_v(x_t, gen(x_t, t, ctx, **forced), t)
     free = free_frames(c)
     regression = F.mse_loss(x0[:, :, free:], clips[:, :, free:])
     keep = []
     if free > 1:  # frames 1..free-1, teacher-forced like the regressed ones
         with torch.no_grad():
-            held = M.x0_from_v(x_t, frozen(x_t, t, frozen.encode_text(tokens), **forced), t)
+            held = M.x0_from_v(x_t, frozen(x_t, t, frozen_ctx, **forced), t)
         keep.append(F.mse_loss(x0[:, :, 1:free], held[:, :, 1:free]))
     # Frame 0 on the inputs its own rollout meets: the frozen init's 4-step rollout, each step's x_t.
     first_actions = None if actions is None else actions[:, :1]
     x, inputs, targets = first_noise.to(device), [], []
     with torch.no_grad():
-        frozen_ctx = frozen.encode_text(tokens)
         for i, step_t in enumerate(first_steps):
             t0 = torch.full((len(x), 1), step_t, device=device)
             target = M.x0_from_v(x, frozen(x, t0, frozen_ctx, actions=first_actions), t0)
@@ -90,7 +92,6 @@ def losses(gen, frozen, cfg, step, block_steps, first_steps):
             targets.append(target)
             if i + 1 < len(first_steps):
                 x = M.add_noise(target, fresh[i].to(device), torch.full_like(t0, first_steps[i + 1]))
-    ctx = gen.encode_text(tokens)
     keep.append(sum(F.mse_loss(M.x0_from_v(x, gen(x, t0, ctx, actions=first_actions), t0), target)
                     for (x, t0), target in zip(inputs, targets)) / len(inputs))
     return regression, sum(keep)
@@ -112,7 +113,7 @@ def main(argv):
     frozen = copy.deepcopy(gen).requires_grad_(False)
     c = gen.cfg
     first = first_frame.first_list("", meta, c.shift)
-    block_steps = meta.get("timesteps") or M.timesteps(meta["steps_per_block"], c.shift).tolist()
+    block_steps = first_frame.block_list(meta, c.shift)
     name = os.path.basename(cfg["export"]) or os.path.basename(cfg["init"])
     out = cfg["out"] or os.path.join("runs", "next_frame_" + name)
     ema = T.EMA(gen, cfg["ema"])
@@ -131,7 +132,7 @@ def main(argv):
             run.save(step + 1)
     run.close()
     # The init's JSON (its sampler and earlier stages) with this stage added; its log ships beside the others.
-    shipped = {k: v for k, v in meta.items() if k not in ("config", "log", "wall_s", "pair")}
+    shipped = {k: v for k, v in meta.items() if k not in ("config", "log", "wall_s")}
     shipped["next_frame"] = {"init": os.path.basename(cfg["init"]), "init_log": meta.get("log"),
                              "regressed_from_frame": free_frames(c),
                              **{k: cfg[k] for k in ("keep_weight", "steps", "batch_size", "lr", "seed")}}
