@@ -7,7 +7,8 @@
 through it: Total 0.882 -> 0.906 and 0.843 -> 0.877 over noise seeds 0-2 (README, "Frame 0's own stage");
 the world student three times more (--seed=1, then --seed=2 on that, the two averaged by soup.py, then
 --seed=3 on that soup, averaged with it), the text student twice more with frame 0 on [1000, 833.3, 625, 250]
-(--first_timesteps: its last x0 then comes from t = 250, not 625; 0.883 -> 0.895 over 20 fresh noise seeds).
+(--first_timesteps: its last x0 then comes from t = 250, not 625; 0.883 -> 0.895 over 20 fresh noise seeds),
+then twice on [1000, 625, 250] (frame 0 in 3 forwards: latency ratio 0.460; +0.0046 over 60 fresh noise seeds).
 
 Frame 0 is the frame-wise student's weak frame: it has no history, and its 4 steps must draw the object
 from noise, which the AR teacher does in 48 (README, stage 3: a teacher-drawn frame 0 lifts the same
